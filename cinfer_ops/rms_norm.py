@@ -9,84 +9,124 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# A whole row lives in registers; beyond this the kernel would spill (no Llama-family model comes close).
+MAX_HIDDEN = 65536
+
+
+def rms_norm_launch_params(hidden: int, n_rows: int) -> tuple[int, int]:
+    """Default (rows_per_program, num_warps). benchmarks/bench_ops.py --sweep measures the alternatives.
+
+    Narrow rows are batched into one program so each program still moves a few KiB; wide rows get one program
+    each, with enough warps that every thread holds a couple of 16-byte vectors.
+    """
+    block = triton.next_power_of_2(hidden)
+    rows_per_program = 1 if n_rows < 1024 else max(1, min(8, 2048 // block))
+    num_warps = min(max(block * rows_per_program // 512, 1), 16)
+    return rows_per_program, num_warps
+
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x: [..., hidden] (any float dtype), weight: [hidden]. Returns x.dtype, same shape as x."""
+    """x: [..., hidden] (any float dtype), weight: [hidden]. Returns x.dtype, same shape as x, contiguous."""
     xf = x.float()
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return (weight.float() * normed.float()).to(x.dtype)
+    return (weight.float() * normed.float()).to(x.dtype).contiguous()
 
 
 def fused_add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    new_residual = x + residual
+    """x, residual: [..., hidden] of one dtype. Returns (rms_norm(x + residual), x + residual), both contiguous."""
+    new_residual = (x + residual).contiguous()
     return rms_norm_reference(new_residual, weight, eps), new_residual
 
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
-    x_row_stride, residual_row_stride, out_row_stride, new_residual_row_stride,
-    hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    n_rows, x_row_stride, residual_row_stride, hidden, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    # One program per row; the whole row stays in registers so x is read once and out written once.
-    row = tl.program_id(0).to(tl.int64)
+    # Each program normalises ROWS whole rows held in registers: x is read once and out written once.
+    # Outputs are contiguous, so their row stride is `hidden`.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
-    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
+    col_mask = cols < hidden
+    mask = (rows < n_rows)[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0)
+        r = tl.load(residual_ptr + rows[:, None] * residual_row_stride + cols[None, :], mask=mask, other=0.0)
         # One rounding to the input dtype, as torch's `hidden_states + residual` does.
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-        tl.store(new_residual_ptr + row * new_residual_row_stride + cols, x, mask=mask)
+        tl.store(new_residual_ptr + rows[:, None] * hidden + cols[None, :], x, mask=mask)
     xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
-    normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_row_stride + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / hidden + eps)
+    normed = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    out = (normed * w[None, :]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * hidden + cols[None, :], out, mask=mask)
 
 
 def _rows(t: Tensor) -> Tensor:
+    """[..., hidden] -> [rows, hidden] with unit column stride; rows may be strided (no copy for row-strided views)."""
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor | None]:
+def _launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+            rows_per_program: int | None, num_warps: int | None) -> tuple[Tensor, Tensor | None]:
     hidden = x.shape[-1]
-    assert weight.shape == (hidden,), f"weight must be [{hidden}], got {tuple(weight.shape)}"
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight must be [{hidden}] (x's last dim), got {tuple(weight.shape)}")
+    if not 0 < hidden <= MAX_HIDDEN:
+        raise ValueError(f"hidden size must be in 1..{MAX_HIDDEN}, got {hidden}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor, got {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}, x on {x.device}")
     x2 = _rows(x)
-    out = torch.empty_like(x2)
-    if residual is not None:
-        assert residual.shape == x.shape, f"residual {tuple(residual.shape)} != x {tuple(x.shape)}"
-        r2 = _rows(residual)
-        new_residual = torch.empty_like(x2)
-    else:
-        r2 = new_residual = x2  # unused: HAS_RESIDUAL=False
     n_rows = x2.shape[0]
+    out = torch.empty((n_rows, hidden), dtype=x.dtype, device=x.device)
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} {residual.device} must match "
+                             f"x {tuple(x.shape)} {x.dtype} {x.device}")
+        r2 = _rows(residual)
+        new_residual = torch.empty_like(out)
+    else:
+        r2 = new_residual = out  # unused: HAS_RESIDUAL=False
     if n_rows:
-        block = triton.next_power_of_2(hidden)
-        num_warps = min(max(block // 512, 1), 16)
-        _rms_norm_kernel[(n_rows,)](
+        default_rows, default_warps = rms_norm_launch_params(hidden, n_rows)
+        rows_per_program = rows_per_program or default_rows
+        if rows_per_program & (rows_per_program - 1):
+            raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
+        _rms_norm_kernel[(triton.cdiv(n_rows, rows_per_program),)](
             x2, r2, weight.contiguous(), out, new_residual,
-            x2.stride(0), r2.stride(0), out.stride(0), new_residual.stride(0),
-            hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+            n_rows, x2.stride(0), r2.stride(0), hidden, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden), ROWS=rows_per_program,
+            num_warps=num_warps or default_warps,
         )
     out = out.view(x.shape)
     return out, (new_residual.view(x.shape) if residual is not None else None)
 
 
-def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return _launch(x, None, weight, eps)[0]
+def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, *,
+                    rows_per_program: int | None = None, num_warps: int | None = None) -> Tensor:
+    """Triton launcher of ``rms_norm``. x: [..., hidden] with unit stride along hidden (rows may be strided,
+    anything else is copied), weight: [hidden]. Returns a contiguous tensor of x's shape and dtype.
+    rows_per_program (a power of two) / num_warps override ``rms_norm_launch_params``."""
+    return _launch(x, None, weight, eps, rows_per_program, num_warps)[0]
 
 
-def fused_add_rms_norm_triton(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return _launch(x, residual, weight, eps)
+def fused_add_rms_norm_triton(x: Tensor, residual: Tensor, weight: Tensor, eps: float, *,
+                              rows_per_program: int | None = None,
+                              num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+    """Triton launcher of ``fused_add_rms_norm``: x and residual of one shape and dtype, weight [hidden].
+    Returns (out, new_residual), both contiguous; x and residual are only read."""
+    out, new_residual = _launch(x, residual, weight, eps, rows_per_program, num_warps)
+    return out, new_residual
 
 
 @torch.library.custom_op("cinfer::rms_norm", mutates_args=(), device_types="cpu")
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """HF LlamaRMSNorm. x: [..., hidden], weight: [hidden]; statistics in fp32, result in x.dtype."""
+    """HF LlamaRMSNorm. x: [..., hidden], weight: [hidden]; statistics in fp32, result contiguous in x.dtype."""
     return rms_norm_reference(x, weight, eps)
 
 
@@ -102,7 +142,8 @@ def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 @torch.library.custom_op("cinfer::fused_add_rms_norm", mutates_args=(), device_types="cpu")
 def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """new_residual = x + residual; out = rms_norm(new_residual). Returns (out, new_residual); inputs untouched."""
+    """new_residual = x + residual; out = rms_norm(new_residual). Returns (out, new_residual), both contiguous in
+    x.dtype; inputs untouched."""
     return fused_add_rms_norm_reference(x, residual, weight, eps)
 
 

@@ -1,0 +1,126 @@
+"""End-to-end generation: cinfer against HF transformers eager and static-cache-compiled `generate`, one process.
+
+    PYTHONPATH=. python -m benchmarks.bench_generate --model llama3-8b --batch 1,16,64 --out benchmarks/out
+
+Workload: random prompts of --prompt-len tokens, exactly --new-tokens generated (greedy, EOS ignored), per batch
+size. Reports output tokens/s, time per output token (TPOT), time to first token (TTFT) and start-up time
+(compile + CUDA-graph capture), plus the batch-1 roofline: weight bytes / copy bandwidth measured in this run.
+"""
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import copy_bandwidth_gbps, device_info, print_table, write_json
+from benchmarks.models import load_model, weight_bytes
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn):
+    _sync()
+    t0 = time.perf_counter()
+    out = fn()
+    _sync()
+    return time.perf_counter() - t0, out
+
+
+def _row(peer, batch, new_tokens, total_s, ttft_s, startup_s):
+    return dict(peer=peer, batch=batch, tok_s=batch * new_tokens / total_s, tpot_ms=(total_s - ttft_s) / max(new_tokens - 1, 1) * 1e3,
+                ttft_ms=ttft_s * 1e3, startup_s=startup_s)
+
+
+def bench_hf(model, prompts: torch.Tensor, new_tokens: int, static: bool) -> tuple[float, float, float]:
+    """(total_s, ttft_s, startup_s) of HF generate; static=True uses cache_implementation="static", which
+    compiles the forward itself; its first call (compile) is the start-up time."""
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if static:
+        kw["cache_implementation"] = "static"
+    attn = torch.ones_like(prompts)
+
+    def run(n):
+        return model.generate(prompts, attention_mask=attn, max_new_tokens=n, min_new_tokens=n, **kw)
+
+    startup_s, _ = _timed(lambda: run(new_tokens))  # warm-up; for static, this compiles
+    ttft_s, _ = _timed(lambda: run(1))
+    total_s, out = _timed(lambda: run(new_tokens))
+    assert out.shape[1] == prompts.shape[1] + new_tokens
+    return total_s, ttft_s, startup_s if static else 0.0
+
+
+def bench_cinfer(model, prompts: torch.Tensor, new_tokens: int, max_num_seqs: int, engine=None):
+    import cinfer_runtime
+    from cinfer_runtime import SamplingParams
+
+    startup_s = 0.0
+    if engine is None:
+        startup_s, engine = _timed(lambda: cinfer_runtime.compile(model, max_num_seqs=max_num_seqs,
+                                                                   gpu_memory_utilization=0.85))
+    token_lists = prompts.tolist()
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    engine.generate(token_lists, params, use_tqdm=False)  # warm-up at this batch size
+    ttft_s, _ = _timed(lambda: engine.generate(token_lists, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), use_tqdm=False))
+    total_s, outs = _timed(lambda: engine.generate(token_lists, params, use_tqdm=False))
+    assert all(len(o.token_ids) == new_tokens for o in outs)
+    return total_s, ttft_s, startup_s, engine
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="llama3-8b | llama3-1b | tiny | a local checkpoint folder")
+    ap.add_argument("--batch", default="1,16,64")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--peers", default="cinfer,hf_static,hf_eager", help="comma list of cinfer, hf_static, hf_eager")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", default="benchmarks/out")
+    args = ap.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    batches = [int(b) for b in args.batch.split(",")]
+    peers = args.peers.split(",")
+    info = device_info()
+    bw = copy_bandwidth_gbps()
+    model = load_model(args.model, dtype, device)
+    wbytes = weight_bytes(model)
+    roofline = bw * 1e9 / wbytes
+    print(f"{info.get('device')}  torch {info['torch']}  triton {info['triton']}  transformers {info['transformers']}")
+    print(f"copy bandwidth {bw:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; batch-1 roofline {roofline:.1f} tok/s")
+
+    gen = torch.Generator().manual_seed(0)
+    rows, engine = [], None
+    for peer in peers:
+        for batch in batches:
+            prompts = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
+            try:
+                if peer == "cinfer":
+                    total, ttft, startup, engine = bench_cinfer(model, prompts, args.new_tokens, max(batches), engine)
+                    if startup == 0.0:
+                        startup = None
+                else:
+                    total, ttft, startup = bench_hf(model, prompts, args.new_tokens, static=(peer == "hf_static"))
+                row = _row(peer, batch, args.new_tokens, total, ttft, startup)
+            except Exception as e:  # one peer failing must not hide the others' numbers
+                row = dict(peer=peer, batch=batch, error=f"{type(e).__name__}: {e}"[:300])
+            if batch == 1 and "tok_s" in row:
+                row["pct_roofline"] = 100 * row["tok_s"] / roofline
+            rows.append(row)
+            print(row, flush=True)
+    if engine is not None:
+        del engine
+    by = {(r["peer"], r["batch"]): r for r in rows}
+    for r in rows:
+        ref = by.get(("hf_static", r["batch"]))
+        if r["peer"] == "cinfer" and ref and "tok_s" in r and "tok_s" in ref:
+            r["x_hf_static"] = r["tok_s"] / ref["tok_s"]
+    print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "pct_roofline", "x_hf_static", "error"])
+    write_json(f"{args.out}/bench_generate_{args.model.replace('/', '_')}.json",
+               dict(info=info, copy_gbps=bw, weight_bytes=wbytes, roofline_tok_s=roofline, args=vars(args), rows=rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Continuous-batching workload: cinfer against HF `generate` in padded batches and HF's `generate_batch`.
+
+    PYTHONPATH=. python -m benchmarks.bench_serving --model llama3-8b --out benchmarks/out
+
+Workload (seeded): --num-requests requests, prompt lengths uniform in [64, 1024], output lengths uniform in
+[64, 512], all submitted at once, EOS ignored. Reports output tokens/s (only the tokens each request asked for)
+and p50/p99 request latency (submission to last token).
+"""
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import device_info, print_table, write_json
+from benchmarks.models import load_model
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def workload(n: int, vocab: int, prompt_range, output_range, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    plens = torch.randint(prompt_range[0], prompt_range[1] + 1, (n,), generator=g).tolist()
+    olens = torch.randint(output_range[0], output_range[1] + 1, (n,), generator=g).tolist()
+    prompts = [torch.randint(1, vocab, (p,), generator=g).tolist() for p in plens]
+    return prompts, olens
+
+
+def _pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
+
+
+def run_cinfer(model, prompts, olens, max_num_seqs):
+    import cinfer_runtime
+    from cinfer_runtime import SamplingParams
+
+    t0 = time.perf_counter()
+    engine = cinfer_runtime.compile(model, max_num_seqs=max_num_seqs, gpu_memory_utilization=0.85)
+    startup = time.perf_counter() - t0
+    engine.generate(prompts[:8], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 8, use_tqdm=False)
+    _sync()
+    start = time.perf_counter()
+    ids = {engine.add_request(p, SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True)): o
+           for p, o in zip(prompts, olens)}
+    latency, produced = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finish_reason is not None and out.request_id not in latency:
+                latency[out.request_id] = time.perf_counter() - start
+                produced += len(out.token_ids)
+    elapsed = time.perf_counter() - start
+    assert len(latency) == len(ids) and produced == sum(olens), (len(latency), produced, sum(olens))
+    return dict(peer="cinfer", tok_s=sum(olens) / elapsed, elapsed_s=elapsed, startup_s=startup,
+                p50_s=_pct(latency.values(), 50), p99_s=_pct(latency.values(), 99))
+
+
+def run_hf_padded(model, prompts, olens, batch_size):
+    """HF generate on left-padded batches of batch_size in submission order; each batch runs to its longest
+    output. A request's latency is its batch's completion time; only requested tokens count."""
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    lat = []
+    for i in range(0, len(prompts), batch_size):
+        ps, os_ = prompts[i:i + batch_size], olens[i:i + batch_size]
+        width = max(map(len, ps))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=device)
+        n = max(os_)
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0, eos_token_id=None)
+        _sync()
+        lat += [time.perf_counter() - start] * len(ps)
+    elapsed = time.perf_counter() - start
+    return dict(peer=f"hf_padded_{batch_size}", tok_s=sum(olens) / elapsed, elapsed_s=elapsed,
+                p50_s=_pct(lat, 50), p99_s=_pct(lat, 99))
+
+
+def run_hf_generate_batch(model, prompts, olens):
+    """transformers' own continuous batching. It takes one max_new_tokens for all requests, so it runs every
+    request to the longest output; only the requested tokens count (its extra tokens are its own cost)."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=max(olens), do_sample=False, eos_token_id=None, pad_token_id=0)
+    start = time.perf_counter()
+    outs = model.generate_batch(prompts, generation_config=cfg, record_timestamps=True)
+    _sync()
+    elapsed = time.perf_counter() - start
+    lat = [elapsed] * len(prompts)
+    return dict(peer="hf_generate_batch", tok_s=sum(olens) / elapsed, elapsed_s=elapsed, p50_s=_pct(lat, 50),
+                p99_s=_pct(lat, 99), note="latency = batch completion; all requests run to the longest output",
+                completed=len(outs))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--num-requests", type=int, default=512)
+    ap.add_argument("--prompt-range", default="64,1024")
+    ap.add_argument("--output-range", default="64,512")
+    ap.add_argument("--peers", default="cinfer,hf_padded,hf_generate_batch")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", default="benchmarks/out")
+    args = ap.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.model, getattr(torch, args.dtype), device)
+    prompts, olens = workload(args.num_requests, model.config.vocab_size,
+                              tuple(map(int, args.prompt_range.split(","))), tuple(map(int, args.output_range.split(","))))
+    info = device_info()
+    print(f"{info.get('device')}  torch {info['torch']}  transformers {info['transformers']}; "
+          f"{len(prompts)} requests, {sum(map(len, prompts))} prompt / {sum(olens)} output tokens")
+    rows = []
+    for peer in args.peers.split(","):
+        try:
+            if peer == "cinfer":
+                rows.append(run_cinfer(model, prompts, olens, args.max_num_seqs))
+            elif peer == "hf_padded":
+                rows.append(run_hf_padded(model, prompts, olens, 64))
+            elif peer == "hf_generate_batch":
+                if not hasattr(model, "generate_batch"):
+                    continue
+                rows.append(run_hf_generate_batch(model, prompts, olens))
+        except Exception as e:
+            rows.append(dict(peer=peer, error=f"{type(e).__name__}: {e}"[:300]))
+        print(rows[-1], flush=True)
+    best_hf = max((r["tok_s"] for r in rows if r["peer"] != "cinfer" and "tok_s" in r), default=None)
+    for r in rows:
+        if r["peer"] == "cinfer" and best_hf and "tok_s" in r:
+            r["x_best_hf"] = r["tok_s"] / best_hf
+    print_table(rows, ["peer", "tok_s", "elapsed_s", "p50_s", "p99_s", "startup_s", "x_best_hf", "error"])
+    write_json(f"{args.out}/bench_serving_{args.model.replace('/', '_')}.json", dict(info=info, args=vars(args), rows=rows))
+
+
+if __name__ == "__main__":
+    main()
