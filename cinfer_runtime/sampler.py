@@ -1,0 +1,254 @@
+"""The sampler: last-token logits of each scheduled request -> its next token, for the whole batch at once.
+
+Per row, in HF ``generate``'s order and in fp32: repetition penalty, then (sampling rows) temperature, top-k,
+top-p, min-p; greedy rows take the argmax of the penalised logits, sampling rows draw from the filtered softmax.
+
+Randomness is counter-based, so a seeded request is reproducible whatever it is batched with: the row's key is a
+hash of (seed, step), and vocabulary entry ``i`` of the row gets the ``i``-th output of a splitmix64 stream started
+at that key. 23 bits of it make a uniform ``u`` in (0, 1); the token is the Gumbel-max
+``argmax(logit - log(-log u))`` over the filtered logits (filtered tokens are -inf and never win). Nothing depends
+on a shared generator, the batch size or the row's position, and nothing syncs with the host.
+
+On CUDA one Triton kernel hashes, adds the noise and takes the argmax in a single pass over the logits; elsewhere
+the same arithmetic runs as torch int64 ops (two's-complement wrap-around stands in for uint64). Both give the
+same uniforms bit for bit; tokens agree unless two noisy scores are within an ulp (not guaranteed across devices).
+"""
+import math
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cinfer_runtime.sampling_params import SamplingParams
+
+# splitmix64's increment and finaliser multipliers (Steele, Lea, Flood 2014; Vigna's constants).
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+SPLITMIX_MUL1 = 0xBF58476D1CE4E5B9
+SPLITMIX_MUL2 = 0x94D049BB133111EB
+UNIFORM_BITS = 23  # (k + 0.5) / 2**23 is exact in fp32 and lies strictly inside (0, 1): no log(0), no log(1) = 0
+
+
+def _signed64(value: int) -> int:
+    """The int64 with the same bit pattern as ``value`` mod 2**64."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shr(x: Tensor, shift: int) -> Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic on int64)."""
+    return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def mix64(x: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 bit patterns (a bijection of 64-bit words). Returns a new tensor."""
+    x = x ^ _shr(x, 30)
+    x *= _signed64(SPLITMIX_MUL1)
+    x ^= _shr(x, 27)
+    x *= _signed64(SPLITMIX_MUL2)
+    x ^= _shr(x, 31)
+    return x
+
+
+def row_keys(seeds: Tensor, steps: Tensor) -> Tensor:
+    """seeds, steps: int64 [batch] -> int64 [batch], the start of each row's random stream.
+    For a fixed seed distinct steps give distinct keys (mix64 is a bijection)."""
+    return mix64(mix64(seeds) ^ steps)
+
+
+def uniforms(keys: Tensor, vocab_size: int) -> Tensor:
+    """keys: int64 [batch] -> fp32 [batch, vocab_size] in (0, 1): entry i of row b from splitmix64 output
+    ``mix64(keys[b] + (i + 1) * gamma)``, its top UNIFORM_BITS bits plus one half, over 2**UNIFORM_BITS."""
+    counters = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=keys.device)
+    counters *= _signed64(SPLITMIX_GAMMA)
+    bits = _shr(mix64(keys[:, None] + counters[None, :]), 64 - UNIFORM_BITS)
+    return bits.to(torch.float32).add_(0.5).mul_(2.0 ** -UNIFORM_BITS)
+
+
+def gumbel_argmax_torch(logits: Tensor, keys: Tensor) -> Tensor:
+    """logits: fp32 [batch, vocab] (-inf = excluded), keys: int64 [batch] -> int64 [batch] token ids."""
+    noise = uniforms(keys, logits.shape[1]).log_().neg_().log_()  # log(E), E ~ Exp(1)
+    return (logits - noise).argmax(dim=-1)
+
+
+@triton.jit
+def _mix64(x):
+    # x: uint64, so >> is a logical shift and * wraps, exactly like the int64 torch version.
+    x = x ^ (x >> 30)
+    x = x * 0xBF58476D1CE4E5B9
+    x = x ^ (x >> 27)
+    x = x * 0x94D049BB133111EB
+    return x ^ (x >> 31)
+
+
+@triton.jit
+def _gumbel_argmax_kernel(logits_ptr, logits_row_stride, seeds_ptr, steps_ptr, out_ptr, vocab_size,
+                          BLOCK: tl.constexpr, UNIFORM_BITS_: tl.constexpr):
+    # One program per row, one pass over its logits. Each lane keeps its running best (strict > keeps the earlier
+    # index); the final reduction takes the smallest index among the lanes holding the maximum, i.e. torch.argmax's
+    # first-occurrence rule.
+    row = tl.program_id(0).to(tl.int64)
+    seed = tl.load(seeds_ptr + row).to(tl.uint64, bitcast=True)
+    step = tl.load(steps_ptr + row).to(tl.uint64, bitcast=True)
+    key = _mix64(_mix64(seed) ^ step)
+    lanes = tl.arange(0, BLOCK)
+    best_score = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_index = lanes
+    for start in range(0, vocab_size, BLOCK):
+        index = start + lanes
+        in_vocab = index < vocab_size
+        logit = tl.load(logits_ptr + row * logits_row_stride + index, mask=in_vocab, other=float("-inf"))
+        bits = _mix64(key + (index + 1).to(tl.uint64) * 0x9E3779B97F4A7C15) >> (64 - UNIFORM_BITS_)
+        u = (bits.to(tl.float32) + 0.5) * (1.0 / (1 << UNIFORM_BITS_))
+        score = tl.where(in_vocab, logit.to(tl.float32) - tl.log(-tl.log(u)), float("-inf"))
+        better = score > best_score
+        best_score = tl.where(better, score, best_score)
+        best_index = tl.where(better, index, best_index)
+    top = tl.max(best_score, axis=0)
+    token = tl.min(tl.where(best_score == top, best_index, vocab_size), axis=0)
+    tl.store(out_ptr + row, token.to(tl.int64))
+
+
+def gumbel_argmax_triton(logits: Tensor, seeds: Tensor, steps: Tensor) -> Tensor:
+    """Fused ``gumbel_argmax_torch(logits, row_keys(seeds, steps))``. logits: fp32 [batch, vocab] with unit column
+    stride; seeds, steps: int64 [batch] contiguous. Returns int64 [batch]."""
+    batch, vocab_size = logits.shape
+    if logits.dtype != torch.float32 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be fp32 with unit column stride, got {logits.dtype} {logits.stride()}")
+    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    if batch:
+        _gumbel_argmax_kernel[(batch,)](logits, logits.stride(0), seeds.contiguous(), steps.contiguous(), out,
+                                        vocab_size, BLOCK=1024, UNIFORM_BITS_=UNIFORM_BITS, num_warps=4)
+    return out
+
+
+@dataclass
+class SamplingRow:
+    """One sequence of the step, in batch order.
+
+    seed: the request's effective seed (params.seed, or one the engine drew when None); any int, used mod 2**64.
+    step: tokens generated so far for the request (0 for its first). token_ids: prompt + generated tokens so far
+    (only read when params.repetition_penalty != 1).
+    """
+    params: SamplingParams
+    seed: int
+    step: int
+    token_ids: list[int]
+
+
+class Sampler:
+    """Batched sampling over ``vocab_size`` logits on ``device`` for at most ``max_num_seqs`` rows a step."""
+
+    def __init__(self, vocab_size: int, device: torch.device, max_num_seqs: int = 256):
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.max_num_seqs = max_num_seqs
+        self._pin = self.device.type == "cuda"
+        self._use_triton = self.device.type == "cuda"
+
+    def __call__(self, logits: Tensor, rows: list[SamplingRow]) -> Tensor:
+        """logits: [batch, vocab_size] fp32/bf16/fp16 on ``device``; rows: one per logits row. Returns int64 [batch]
+        token ids on ``device``, without synchronising with the host."""
+        batch = len(rows)
+        if logits.dim() != 2 or logits.shape != (batch, self.vocab_size):
+            raise ValueError(f"logits must be [{batch}, {self.vocab_size}] (rows x vocab_size), "
+                             f"got {tuple(logits.shape)}")
+        if batch > self.max_num_seqs:
+            raise ValueError(f"{batch} rows exceed max_num_seqs={self.max_num_seqs}")
+        params = [r.params for r in rows]
+        penalised = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        sampling = [p.temperature != 0 for p in params]
+        if not any(sampling) and not penalised:
+            return logits.argmax(dim=-1)
+        # A private fp32 copy: the penalty writes into it.
+        x = logits.to(torch.float32, copy=bool(penalised))
+        if penalised:
+            x = self._apply_repetition_penalty(x, rows, penalised)
+        if not any(sampling):
+            return x.argmax(dim=-1)
+        return self._sample(x, rows, sampling)
+
+    def _upload(self, array: np.ndarray) -> Tensor:
+        """One host array -> device, asynchronously from pinned memory on CUDA (torch's caching host allocator
+        keeps the buffer alive until the copy has run)."""
+        host = torch.from_numpy(array)
+        if self._pin:
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    def _apply_repetition_penalty(self, x: Tensor, rows: list[SamplingRow], penalised: list[int]) -> Tensor:
+        """HF RepetitionPenaltyLogitsProcessor on x (fp32 [batch, vocab], modified in place and returned): every
+        token in a penalised row's prompt or output (counted once) has its logit divided by the penalty if
+        positive, multiplied by it otherwise. penalised: the indices of the rows with a penalty != 1."""
+        lengths = [len(rows[i].token_ids) for i in penalised]
+        index = np.empty((2, sum(lengths)), dtype=np.int64)
+        index[0] = np.repeat(np.asarray(penalised, dtype=np.int64), lengths)
+        index[1] = np.fromiter(chain.from_iterable(rows[i].token_ids for i in penalised), dtype=np.int64,
+                               count=index.shape[1])
+        penalty = np.ones(len(rows), dtype=np.float32)
+        penalty[penalised] = [rows[i].params.repetition_penalty for i in penalised]
+        index_d, penalty_d = self._upload(index), self._upload(penalty)
+        # Touch only the seen entries: O(prompt + output) work instead of passes over [batch, vocab]. Repeated
+        # tokens read the original logit and write the same value, so duplicates are harmless.
+        rows_d, tokens_d = index_d[0], index_d[1]
+        seen = x[rows_d, tokens_d]
+        row_penalty = penalty_d[rows_d]
+        x[rows_d, tokens_d] = torch.where(seen > 0, seen / row_penalty, seen * row_penalty)
+        return x
+
+    def _sample(self, x: Tensor, rows: list[SamplingRow], sampling: list[bool]) -> Tensor:
+        batch, vocab_size = x.shape
+        params = [r.params for r in rows]
+        # Greedy rows ride along with neutral parameters; their token is replaced by the argmax at the end.
+        floats = np.empty((4, batch), dtype=np.float32)
+        floats[0] = [p.temperature if s else 1.0 for p, s in zip(params, sampling)]
+        floats[1] = [p.top_p if s and p.top_p < 1 else math.inf for p, s in zip(params, sampling)]
+        floats[2] = [math.log(p.min_p) if s and p.min_p > 0 else -math.inf for p, s in zip(params, sampling)]
+        floats[3] = sampling
+        ints = np.empty((3, batch), dtype=np.int64)
+        ints[0] = [p.top_k if s and 0 < p.top_k < vocab_size else vocab_size for p, s in zip(params, sampling)]
+        ints[1] = [_signed64(r.seed) for r in rows]
+        ints[2] = [r.step for r in rows]
+        use_top_k = bool((ints[0] < vocab_size).any())
+        use_top_p = bool(np.isfinite(floats[1]).any())
+        use_min_p = bool(np.isfinite(floats[2]).any())
+        floats_d, ints_d = self._upload(floats), self._upload(ints)
+        temperature, top_p, log_min_p = floats_d[0, :, None], floats_d[1, :, None], floats_d[2, :, None]
+        top_k, seeds, steps = ints_d[0, :, None], ints_d[1], ints_d[2]
+
+        greedy_tokens = x.argmax(dim=-1) if not all(sampling) else None
+        # Shifting by the row max first keeps x / temperature finite for any temperature > 0; afterwards the
+        # most likely token has logit exactly 0 and survives every filter.
+        x = (x - x.amax(dim=-1, keepdim=True)) / temperature
+        if use_top_k or use_top_p:
+            x = _top_k_top_p(x, top_k, top_p, use_top_k, use_top_p)
+        if use_min_p:
+            # prob_i < min_p * max_prob  <=>  x_i - max_x < log(min_p), and max_x == 0.
+            x = x.masked_fill(x < log_min_p, -math.inf)
+        if self._use_triton:
+            tokens = gumbel_argmax_triton(x, seeds, steps)
+        else:
+            tokens = gumbel_argmax_torch(x, row_keys(seeds, steps))
+        if greedy_tokens is not None:
+            tokens = torch.where(floats_d[3] > 0, tokens, greedy_tokens)
+        return tokens
+
+
+def _top_k_top_p(x: Tensor, top_k: Tensor, top_p: Tensor, use_top_k: bool, use_top_p: bool) -> Tensor:
+    """x: fp32 [batch, vocab]; top_k: int64 [batch, 1] in 1..vocab (vocab = off); top_p: fp32 [batch, 1] (inf = off).
+
+    Top-k keeps every token at least as likely as the k-th (ties included, as HF's TopKLogitsWarper). Top-p then
+    keeps a token iff the probability of the tokens sorted before it is < top_p: the smallest prefix reaching
+    top_p, never empty. The stable sort orders ties by token id, so the kept set depends on the row alone."""
+    sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
+    if use_top_k:
+        kth = sorted_x.gather(1, top_k - 1)
+        sorted_x = sorted_x.masked_fill(sorted_x < kth, -math.inf)
+    if use_top_p:
+        probs = sorted_x.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs
+        sorted_x = sorted_x.masked_fill(before >= top_p, -math.inf)
+    return torch.empty_like(x).scatter_(1, order, sorted_x)
