@@ -1,0 +1,35 @@
+"""cinfer's ``torch.compile`` backends: run the pass manager on the Dynamo graph, then hand it to Inductor.
+
+``torch.compile(model, backend="cinfer")`` on a plain HF model call: no paged cache exists there, so only the
+norm passes run; attention stays ``scaled_dot_product_attention`` (or eager attention) and this is logged at INFO
+on the ``graph_passes.pass_manager`` logger. The paged backend used by ``compile_model`` lives in ``paged_model``.
+"""
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+from graph_passes.pass_manager import run_passes
+
+logger = logging.getLogger(__name__)
+
+
+def compile_inner(gm: fx.GraphModule, example_inputs: list, inner_backend: str) -> Callable:
+    """Compile the rewritten graph with ``inner_backend`` ("inductor", or any registered Dynamo backend such as
+    "eager" / "aot_eager", which tests use to skip Inductor's compile time)."""
+    if inner_backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+    return torch._dynamo.lookup_backend(inner_backend)(gm, example_inputs)
+
+
+def cinfer_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    """The ``"cinfer"`` Dynamo backend for a plain model call: norm passes, then Inductor."""
+    run_passes(gm)
+    return compile_inner(gm, example_inputs, "inductor")
+
+
+def register() -> None:
+    if "cinfer" not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(cinfer_backend, name="cinfer")

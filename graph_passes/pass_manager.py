@@ -1,0 +1,71 @@
+"""The one pass manager: runs cinfer's passes over a Dynamo graph in a fixed order and reports what they rewrote.
+
+Order (each pass is a plain ``GraphModule -> int`` function in its own module):
+
+1. ``attention``           (``attention_pass.rewrite_attention``)          -- only for a paged graph (marker present)
+2. ``rms_norm``            (``rms_norm_pass.fuse_rms_norm``)
+3. ``fused_add_rms_norm``  (``fused_add_rms_norm_pass.fuse_add_rms_norm``) -- needs 2's ``cinfer.rms_norm`` nodes
+
+For a paged graph the attention pass must rewrite exactly one site per layer, otherwise ``GraphRewriteError``
+names the model class, the pattern and why each candidate was rejected: there is no silent eager fallback.
+"""
+import logging
+
+from torch import fx
+
+from graph_passes.attention_pass import PATTERN, rewrite_attention
+from graph_passes.errors import GraphRewriteError
+from graph_passes.fused_add_rms_norm_pass import fuse_add_rms_norm
+from graph_passes.fx_utils import is_op
+from graph_passes.paged_inputs import PagedInputs
+from graph_passes.rms_norm_pass import fuse_rms_norm
+
+logger = logging.getLogger(__name__)
+
+PASS_ORDER = ("attention", "rms_norm", "fused_add_rms_norm")
+
+
+def model_class_name(gm: fx.GraphModule) -> str:
+    """The class of the outermost module Dynamo traced into (e.g. ``LlamaForCausalLM``), for messages."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            return next(iter(stack.values()))[1].__name__
+    return type(gm).__name__
+
+
+def run_passes(gm: fx.GraphModule, *, num_layers: int | None = None, model_name: str | None = None) -> dict[str, int]:
+    """Rewrite ``gm`` in place; returns the sites rewritten per pass, in ``PASS_ORDER``.
+
+    ``num_layers``: for a paged graph (built by ``compile_model``), the number of attention layers that must be
+    rewritten. ``None`` means a plain model call: attention is left to SDPA and only the norm passes run.
+    """
+    model_name = model_name or model_class_name(gm)
+    report: dict[str, int] = {}
+    paged = PagedInputs.find(gm) is not None
+    if num_layers is not None and not paged:
+        raise GraphRewriteError(f"{model_name}: the graph has no paged inputs (bind_paged_inputs marker missing)")
+
+    if paged:
+        rejected: list[str] = []
+        report["attention"] = rewrite_attention(gm, rejected)
+        if report["attention"] != num_layers:
+            details = "; ".join(rejected) if rejected else (
+                "no scaled_dot_product_attention and no eager softmax attention in the graph")
+            raise GraphRewriteError(
+                f"{model_name}: the attention pass rewrote {report['attention']} of {num_layers} layers. "
+                f"Pattern not found: {PATTERN}. Candidates rejected: {details}")
+        leftover = [n.name for n in gm.graph.nodes if is_op(n, "sdpa")]
+        if leftover:
+            raise GraphRewriteError(f"{model_name}: scaled_dot_product_attention left after the attention pass: "
+                                    f"{leftover}")
+    else:
+        report["attention"] = 0
+        logger.info("%s: no paged cache bound to this graph, so attention is left to SDPA / eager attention "
+                    "(only the norm passes run)", model_name)
+
+    report["rms_norm"] = fuse_rms_norm(gm)
+    report["fused_add_rms_norm"] = fuse_add_rms_norm(gm)
+    gm.graph.lint()
+    logger.info("%s: graph passes rewrote %s", model_name, ", ".join(f"{k}={v}" for k, v in report.items()))
+    return report

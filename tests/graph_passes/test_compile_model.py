@@ -1,0 +1,113 @@
+"""End to end: ``compile_model`` over a paged cache against HF eager, on tiny random models of every variant."""
+import logging
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+from graph_passes import GraphRewriteError, compile_model
+from graph_passes.fx_utils import op_counts
+from tests.graph_passes.tiny_models import VARIANTS, PagedDriver, make_caches, make_model, run_scenario
+from tests.tolerances import LOGITS
+
+
+def _assert_rewritten(paged, num_layers: int) -> None:
+    """Exact op counts of the graph handed to the inner backend."""
+    assert paged.report == {"attention": num_layers, "rms_norm": 2 * num_layers + 1,
+                            "fused_add_rms_norm": 2 * num_layers}
+    before, after = paged.ops_before, op_counts(paged.graph_module)
+    assert before["rsqrt"] == 2 * num_layers + 1
+    assert before["sdpa"] + before["softmax"] == num_layers
+    assert after["sdpa"] == 0 and after["softmax"] == 0
+    assert after["matmul"] == before["matmul"] - 2 * before["softmax"]  # eager attention's two; RoPE may keep one
+    assert after["rsqrt"] == 0 and after["mean"] == 0
+    assert after["cinfer.paged_attention.default"] == num_layers
+    assert after["cinfer.kv_cache_write.default"] == num_layers
+    assert after["cinfer.fused_add_rms_norm.default"] == 2 * num_layers
+    assert after["cinfer.rms_norm.default"] == 1
+    assert after["cinfer_graph.bind_paged_inputs.default"] == 0
+    # HF's causal-mask construction (packed-sequence detection from positions, the mask itself) is dead and gone.
+    assert after["diff"] == 0 and after["cumsum"] == 0
+    assert not [n.name for n in paged.graph_module.graph.nodes if "mask" in n.name]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_hf_eager(variant):
+    model = make_model(variant)
+    k_caches, v_caches = make_caches(model)
+    paged = compile_model(model, k_caches, v_caches, inner_backend="eager")
+    run_scenario(model, paged, LOGITS)
+    _assert_rewritten(paged, model.config.num_hidden_layers)
+
+
+def test_logits_match_hf_eager_bf16():
+    model = make_model("llama3_gqa_rope_scaling", dtype=torch.bfloat16)
+    paged = compile_model(model, *make_caches(model), inner_backend="eager")
+    run_scenario(model, paged, LOGITS, dtype=torch.bfloat16)
+
+
+def test_inductor_end_to_end():
+    model = make_model("llama3_gqa_rope_scaling", num_hidden_layers=1)
+    paged = compile_model(model, *make_caches(model), inner_backend="inductor")
+    run_scenario(model, paged, LOGITS)
+    _assert_rewritten(paged, 1)
+
+
+def test_new_batch_compositions_do_not_recompile():
+    model = make_model("llama_mqa")
+    paged = compile_model(model, *make_caches(model), inner_backend="eager")
+    driver = PagedDriver(seed=3)
+    for length in (9, 17, 4, 30):
+        driver.add(length)
+    stats = torch._dynamo.utils.counters["stats"]
+    steps = [
+        [(0, 0, 5), (1, 0, 7), (2, 0, 3)],                # warm-up: 15 tokens, 3 sequences
+        [(0, 5, 9), (1, 7, 8)],                           # 5 tokens, 2 sequences
+        [(3, 0, 30)],                                     # one long prefill: 1 sequence, 4 blocks
+        [(2, 3, 4)],                                      # 1 token, 1 sequence, 1 block
+        [(0, 8, 9), (1, 8, 9), (2, 3, 4), (3, 29, 30)],   # decode of 4 (tokens == sequences == 4)
+        [(1, 8, 17), (2, 3, 4)],                          # chunked prefill + decode
+    ]
+    for i, chunks in enumerate(steps):
+        input_ids, positions, meta = driver.step_inputs(chunks)
+        paged(input_ids, positions, meta)
+        if i == 0:
+            graphs, frames = stats["unique_graphs"], stats["calls_captured"]
+    assert stats["unique_graphs"] == graphs, "a new batch composition recompiled the graph"
+    assert stats["calls_captured"] == frames
+
+
+def _non_causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("cinfer_test_non_causal", _non_causal_sdpa)
+
+
+def test_unrewritable_attention_raises_naming_model_and_pattern():
+    model = make_model("llama3_gqa_rope_scaling", attn_implementation="cinfer_test_non_causal")
+    paged = compile_model(model, *make_caches(model), inner_backend="eager")
+    driver = PagedDriver()
+    driver.add(5)
+    with pytest.raises(GraphRewriteError) as err:
+        paged(*driver.step_inputs([(0, 0, 5)]))
+    message = str(err.value)
+    assert "LlamaForCausalLM" in message and "rewrote 0 of 2 layers" in message
+    assert "scaled_dot_product_attention" in message and "not causal" in message
+
+
+def test_cache_count_mismatch_is_rejected():
+    model = make_model("llama2_mha")
+    k_caches, v_caches = make_caches(model)
+    with pytest.raises(ValueError, match="one per layer"):
+        compile_model(model, k_caches[:1], v_caches[:1])
+
+
+def test_sliding_window_is_warned(caplog):
+    model = make_model("mistral", sliding_window=32)
+    with caplog.at_level(logging.WARNING, logger="graph_passes"):
+        compile_model(model, *make_caches(model), inner_backend="eager")
+    assert "sliding-window" in caplog.text
