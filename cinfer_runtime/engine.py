@@ -1,0 +1,249 @@
+"""``compile(model) -> Engine``: the runtime's front door.
+
+``Engine.step()`` is the whole loop: ``Scheduler.schedule()`` -> ``ModelRunner.execute()`` -> ``Scheduler.update()``.
+Everything a request can get wrong (prompt, token ids, length, sampling parameters) is checked when it is
+submitted, before it touches the scheduler, so a bad request never disturbs the others.
+"""
+import logging
+import numbers
+import random
+import time
+from collections.abc import Iterator, Sequence as SequenceABC
+from dataclasses import replace
+
+import torch
+from tqdm.auto import tqdm
+
+import graph_passes
+from cinfer_runtime.block_manager import BlockManager
+from cinfer_runtime.config import EngineConfig, cdiv
+from cinfer_runtime.kv_cache import KVCacheSpec, allocate_kv_caches, num_kv_blocks_for
+from cinfer_runtime.model_runner import ModelRunner
+from cinfer_runtime.outputs import RequestOutput
+from cinfer_runtime.sampler import Sampler
+from cinfer_runtime.sampling_params import SamplingParams
+from cinfer_runtime.scheduler import Scheduler
+from cinfer_runtime.sequence import Sequence
+
+logger = logging.getLogger("cinfer")
+
+
+def compile(model: torch.nn.Module, *, tokenizer=None, block_size: int = 16, num_kv_blocks: int | None = None,
+            gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+            max_model_len: int | None = None, enforce_eager: bool = False, enable_chunked_prefill: bool = True,
+            seed: int = 0, inner_backend: str = "inductor") -> "Engine":
+    """Compile an unmodified HF causal LM (e.g. ``LlamaForCausalLM``) into a batched-generation engine.
+
+    Allocates the paged KV cache (``num_kv_blocks`` blocks of ``block_size`` tokens; sized from free device memory
+    when None), rewrites and compiles the model over it, runs a warm-up step (a model the graph passes cannot
+    rewrite raises ``graph_passes.GraphRewriteError`` here) and, on a GPU unless ``enforce_eager``, captures the
+    decode CUDA graphs. ``inner_backend`` is what compiles the rewritten graph (``"inductor"``, or ``"eager"`` for
+    a fast compile). ``seed`` draws the seeds of requests whose ``SamplingParams.seed`` is None.
+    """
+    config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
+                          gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                          enforce_eager=enforce_eager, enable_chunked_prefill=enable_chunked_prefill, seed=seed,
+                          inner_backend=inner_backend)
+    return Engine(model, config, tokenizer=tokenizer)
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig, tokenizer=None):
+        text_config = model.config.get_text_config()
+        config = config.resolve(text_config.max_position_embeddings)
+        self.device = next(model.parameters()).device
+        if config.num_kv_blocks is None:
+            config = replace(config, num_kv_blocks=num_kv_blocks_for(model, config, self.device))
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.eos_token_ids = _eos_token_ids(model)
+        model.eval()
+
+        spec = KVCacheSpec.from_model(model)
+        self.k_caches, self.v_caches = allocate_kv_caches(spec, config.num_kv_blocks, config.block_size, self.device)
+        self.paged_model = graph_passes.compile_model(model, self.k_caches, self.v_caches,
+                                                      inner_backend=config.inner_backend)
+        logits_size = model.get_output_embeddings().weight.shape[0]
+        sampler = Sampler(logits_size, self.device, max(config.max_num_seqs, 2))
+        self.runner = ModelRunner(self.paged_model, config, self.device, sampler)
+        self.runner.warm_up()
+        if self.runner.graphs is not None:
+            self.runner.capture_decode_graphs()
+        self.scheduler = Scheduler(config, BlockManager(config.num_kv_blocks, config.block_size))
+
+        self._rng = random.Random(config.seed)
+        self._next_seq_id = 0
+        self._requests: dict[str, Sequence] = {}     # unfinished requests by id
+        self._undelivered: list[RequestOutput] = []  # outputs of requests stepped by generate()/stream() for others
+
+    # ----------------------------------------------------------------------------------------------- requests
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue one request: ``prompt`` is a list of token ids, or a string when the engine has a tokenizer.
+        Returns its request id. Raises (and queues nothing) on bad input."""
+        seq = self._make_sequence(prompt, params, request_id)
+        self._submit([seq])
+        return seq.request_id
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self._requests.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.abort(seq)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns an output (cumulative tokens) for every request that got a token,
+        plus any that advanced during an earlier ``generate``/``stream`` call they were not part of."""
+        outputs, self._undelivered = self._undelivered, []
+        outputs += [self._output(seq) for seq in self._step()]
+        return outputs
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (token-id lists, or strings with a tokenizer) and return the finished outputs
+        in prompt order. ``sampling_params``: one for all prompts, or one per prompt. Raises before any work on
+        bad input. Requests added earlier with ``add_request`` keep running alongside; their outputs are
+        returned by the next ``step()``."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, SequenceABC):
+            raise TypeError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts: pass one "
+                                 f"SamplingParams for all, or exactly one per prompt")
+        seqs = [self._make_sequence(p, sp) for p, sp in zip(prompts, params_list)]
+        self._submit(seqs)
+
+        mine = {seq.request_id: i for i, seq in enumerate(seqs)}
+        results: list[RequestOutput | None] = [None] * len(seqs)
+        bar = tqdm(total=len(seqs), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        start, num_generated = time.perf_counter(), 0
+        try:
+            while any(r is None for r in results):
+                advanced = self._step()
+                num_generated += len(advanced)
+                for seq in advanced:
+                    index = mine.get(seq.request_id)
+                    if index is None:
+                        self._undelivered.append(self._output(seq))
+                    elif seq.is_finished:
+                        results[index] = self._output(seq)
+                        bar.update(1)
+                bar.set_postfix_str(f"{num_generated / (time.perf_counter() - start):.0f} tok/s", refresh=False)
+        except BaseException:
+            for seq in seqs:
+                self.abort_request(seq.request_id)
+            raise
+        finally:
+            bar.close()
+        return results
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Submit one request (validated now) and return an iterator that yields its output (cumulative tokens)
+        each time it gets a token, the last one finished. Closing the iterator early aborts the request."""
+        seq = self._make_sequence(prompt, params)
+        self._submit([seq])
+        return self._stream(seq)
+
+    def _stream(self, seq: Sequence) -> Iterator[RequestOutput]:
+        try:
+            while not seq.is_finished:
+                for other in self._step():
+                    if other is seq:
+                        yield self._output(seq)
+                    else:
+                        self._undelivered.append(self._output(other))
+        finally:
+            if not seq.is_finished:
+                self.abort_request(seq.request_id)
+
+    # --------------------------------------------------------------------------------------------- internals
+    def _step(self) -> list[Sequence]:
+        out = self.scheduler.schedule()
+        if not out.seqs:
+            return []
+        sampled = self.runner.execute(out)
+        advanced = self.scheduler.update(out, sampled)
+        for seq in advanced:
+            if seq.is_finished:
+                self._requests.pop(seq.request_id, None)
+        return advanced
+
+    def _submit(self, seqs: list[Sequence]) -> None:
+        ids = [s.request_id for s in seqs]
+        clash = [i for i in ids if i in self._requests] or ([i for i in ids if ids.count(i) > 1])
+        if clash:
+            raise ValueError(f"request id {clash[0]!r} is already in use")
+        for seq in seqs:
+            self._requests[seq.request_id] = seq
+            self.scheduler.add(seq)
+
+    def _make_sequence(self, prompt, params: SamplingParams | None, request_id: str | None = None) -> Sequence:
+        """Validate one request and build its (not yet queued) Sequence."""
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        prompt_ids = self._prompt_token_ids(prompt)
+        max_model_len = self.config.max_model_len
+        if len(prompt_ids) > max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens, more than max_model_len={max_model_len}")
+        # The K/V of every token but the last sampled one is cached: the request must fit the cache on its own,
+        # else the oldest request could never finish.
+        cached_tokens = min(len(prompt_ids) + params.max_tokens - 1, max_model_len)
+        capacity = self.config.num_kv_blocks * self.config.block_size
+        if cdiv(cached_tokens, self.config.block_size) > self.config.num_kv_blocks:
+            raise ValueError(f"request needs up to {cached_tokens} tokens of KV cache but the cache holds "
+                             f"{capacity}: shorten the prompt or max_tokens, or give the cache more blocks")
+        seq_id = self._next_seq_id
+        self._next_seq_id += 1
+        stop = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stop.update(self.eos_token_ids)
+        return Sequence(seq_id=seq_id, request_id=str(seq_id) if request_id is None else str(request_id),
+                        prompt_token_ids=prompt_ids, params=params,
+                        seed=params.seed if params.seed is not None else self._rng.getrandbits(63),
+                        stop_token_ids=frozenset(stop))
+
+    def _prompt_token_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TypeError("a string prompt needs a tokenizer: pass tokenizer= to cinfer_runtime.compile, "
+                                "or give the prompt as a list of token ids")
+            prompt = self.tokenizer.encode(prompt)
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if not isinstance(prompt, SequenceABC) or isinstance(prompt, (str, bytes)):
+            raise TypeError(f"a prompt must be a list of token ids or a string, got {type(prompt).__name__}")
+        if len(prompt) == 0:
+            raise ValueError("empty prompt: a prompt needs at least one token")
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise TypeError(f"prompt token ids must be ints, got {t!r}")
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"prompt token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        return [int(t) for t in prompt]
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        token_ids = seq.output_token_ids
+        text = (self.tokenizer.decode(token_ids, skip_special_tokens=True)
+                if self.tokenizer is not None else None)
+        return RequestOutput(request_id=seq.request_id, prompt_token_ids=list(seq.prompt_token_ids),
+                             token_ids=token_ids, text=text, finish_reason=seq.finish_reason)
+
+
+def _eos_token_ids(model: torch.nn.Module) -> frozenset[int]:
+    """EOS ids from the model's generation config (int, list or None), else from its config."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config.get_text_config(), "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)

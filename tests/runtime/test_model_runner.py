@@ -1,0 +1,79 @@
+"""ModelRunner's step assembly: the flattened tokens, positions and attention metadata it hands the compiled model,
+checked against a per-request Python computation, and the padding rules (slot -1, empty padding sequences)."""
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cinfer_runtime.block_manager import BlockManager
+from cinfer_runtime.config import EngineConfig
+from cinfer_runtime.cuda_graphs import decode_buckets
+from cinfer_runtime.model_runner import ModelRunner
+from cinfer_runtime.sampler import Sampler
+from cinfer_runtime.sampling_params import SamplingParams
+from cinfer_runtime.scheduler import Scheduler
+from cinfer_runtime.sequence import Sequence
+
+BLOCK_SIZE = 8
+
+
+class RecordingModel:
+    """Stands in for the compiled model: records its inputs and returns logits favouring token 5."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+        self.calls = []
+
+    def __call__(self, input_ids, positions, meta):
+        self.calls.append((input_ids.clone(), positions.clone(), {k: v.clone() for k, v in meta.__dict__.items()}))
+        logits = torch.zeros(meta.logits_indices.shape[0], self.vocab)
+        logits[:, 5] = 1.0
+        return logits
+
+
+def make_runner(max_num_seqs=4, budget=24):
+    config = EngineConfig(block_size=BLOCK_SIZE, num_kv_blocks=64, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=budget, max_model_len=96).resolve(96)
+    model = RecordingModel(16)
+    return config, model, ModelRunner(model, config, torch.device("cpu"), Sampler(16, "cpu", max_num_seqs))
+
+
+@given(prompt_lens=st.lists(st.integers(1, 40), min_size=1, max_size=4), steps=st.integers(1, 6))
+def test_step_inputs_match_per_request_computation(prompt_lens, steps):
+    config, model, runner = make_runner()
+    sched = Scheduler(config, BlockManager(64, BLOCK_SIZE))
+    for i, n in enumerate(prompt_lens):
+        sched.add(Sequence(i, str(i), [(7 * i + j) % 15 + 1 for j in range(n)],
+                           SamplingParams(max_tokens=50, temperature=0.0), 0, frozenset()))
+    for _ in range(steps):
+        out = sched.schedule()
+        starts = [s.num_computed_tokens for s in out.seqs]
+        sampled = runner.execute(out)
+        assert sampled == [5] * sum(out.samples)
+        input_ids, positions, meta = model.calls[-1]
+        ids, pos, slots, qsl, lens, logits_idx = [], [], [], [0], [], []
+        for s, start, n, table in zip(out.seqs, starts, out.num_new_tokens, out.block_tables):
+            ids += s.token_ids[start:start + n]
+            pos += list(range(start, start + n))
+            slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, start + n)]
+            qsl.append(qsl[-1] + n)
+            lens.append(start + n)
+            logits_idx.append(qsl[-1] - 1)
+        assert input_ids.shape == positions.shape == (1, len(ids))
+        assert input_ids[0].tolist() == ids and positions[0].tolist() == pos
+        assert meta["slot_mapping"].tolist() == slots
+        assert meta["query_start_loc"].tolist() == qsl
+        assert meta["seq_lens"].tolist() == lens
+        assert meta["logits_indices"].tolist() == logits_idx
+        assert meta["block_tables"].shape == (len(out.seqs), config.max_blocks_per_seq)
+        assert meta["block_tables"].dtype == meta["seq_lens"].dtype == meta["query_start_loc"].dtype == torch.int32
+        assert meta["slot_mapping"].dtype == meta["logits_indices"].dtype == torch.int64
+        for row, table in enumerate(out.block_tables):
+            assert meta["block_tables"][row, :len(table)].tolist() == table
+        sched.update(out, sampled)
+
+
+def test_decode_buckets():
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(8) == [1, 2, 4, 8]
+    assert decode_buckets(20) == [1, 2, 4, 8, 16, 24]
+    assert decode_buckets(256) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64] + list(range(80, 257, 16))
