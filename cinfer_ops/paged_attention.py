@@ -6,7 +6,12 @@ Layout (DESIGN.md): query/output ``[num_tokens, num_heads, head_dim]``, caches
 ``[batch + 1]``. Query ``i`` of sequence ``b`` sees context positions ``j <= seq_lens[b] - q_len[b] + i``.
 Nothing past a sequence's context (slots, block-table entries) is ever read.
 """
+import functools
+from dataclasses import dataclass
+
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 
@@ -50,9 +55,396 @@ def paged_attention_reference(query: Tensor, k_cache: Tensor, v_cache: Tensor, b
     return out
 
 
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Split-KV kernel tiling: ``block_n`` keys per step; ``partition_size`` keys per split (None: sized from the grid)."""
+    block_n: int
+    num_warps: int
+    num_stages: int
+    partition_size: int | None = None
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Flash kernel tiling: ``block_m`` rows (query tokens x the packed query heads of one kv head) by ``block_n`` keys."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Keyed by head_dim rounded up to a power of two: the smallest key >= it applies. Tune with
+# benchmarks/tune_paged_attention.py on the target GPU. Head_dim 128 picked on an H200 (triton 3.6): decode at
+# 88-92% of copy bandwidth, prefill 8x2048 causal at 316 TFLOP/s; the 64 and 256 rows are scaled from it, untuned.
+DECODE_CONFIGS = {
+    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2),
+    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2),
+    256: DecodeConfig(block_n=32, num_warps=4, num_stages=3),
+}
+PREFILL_CONFIGS = {
+    64: PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    128: PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    256: PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
+}
+# Split-KV sizing from shapes only (CUDA-graph safe): aim for DECODE_PROGRAMS_PER_SM programs per SM, but no
+# partition shorter than DECODE_MIN_PARTITION keys and no more than DECODE_MAX_SPLITS splits (each split adds a
+# partial-result write and a share of the merge).
+DECODE_PROGRAMS_PER_SM = 16
+DECODE_MIN_PARTITION = 512
+DECODE_MAX_SPLITS = 128
+# Widest vector the sequence search reads query_start_loc with; larger batches loop.
+_MAX_SEARCH_CHUNK = 1024
+_SPLIT_CHUNK = 16
+# Caches with at least this many elements are addressed with 64-bit offsets (a module constant so tests can lower it).
+_INT32_OFFSET_LIMIT = 2**31
+
+
+@triton.jit
+def _count_le(qsl_ptr, x, k_lo, k_hi, DIV: tl.constexpr, ADD_INDEX: tl.constexpr, CHUNK: tl.constexpr):
+    # Number of k in [k_lo, k_hi) with qsl[k] // DIV + (k if ADD_INDEX) <= x. The keys grow with k, so this is
+    # the index of the sequence that owns x: a search on the device, no host sync, one vector load per CHUNK.
+    count = x * 0
+    for k0 in range(k_lo, k_hi, CHUNK):
+        k = k0 + tl.arange(0, CHUNK)
+        inside = k < k_hi
+        key = tl.load(qsl_ptr + k, mask=inside, other=0)
+        if DIV > 1:
+            key = key // DIV
+        if ADD_INDEX:
+            key = key + k
+        count += tl.sum((inside & (key <= x)).to(tl.int32), axis=0)
+    return count
+
+
+@triton.jit
+def _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, n0, kv_stop,
+                  row_limit, qk_scale, stride_cb, stride_cs,
+                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                  MASK_KV: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                  INT64_OFFSETS: tl.constexpr):
+    # One online-softmax step of the rows of q over keys [n0, n0 + BLOCK_N), gathered through the block table.
+    # MASK_KV: keys at or past kv_stop are neither loaded (their block-table entries and slots may be garbage or
+    # NaN) nor scored. CAUSAL: row r also scores only keys <= row_limit[r]. Scores are in log2 units.
+    # UPCAST_DOT: feed the dots fp32 copies of 16-bit operands (exact products, so the same arithmetic); Triton's
+    # interpreter multiplies bf16 dot operands as raw bits (seen with triton 3.9). INT64_OFFSETS: cache offsets
+    # need 64 bits; 32-bit address arithmetic is cheaper in the hot loop when the cache is small enough.
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    kv_ok = offs_n < kv_stop
+    if MASK_KV:
+        block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=kv_ok, other=0)
+    else:
+        block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
+    if INT64_OFFSETS:
+        block = block.to(tl.int64)
+    rows = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head_offset
+    offsets = rows[:, None] + offs_d[None, :]
+    if MASK_KV or D_PAD != HEAD_DIM:
+        mask = kv_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=mask, other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=mask, other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + offsets)
+        v = tl.load(v_cache_ptr + offsets)
+    if UPCAST_DOT:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if CAUSAL:
+        s = tl.where(offs_n[None, :] <= row_limit[:, None], s, float("-inf"))
+    elif MASK_KV:
+        s = tl.where(kv_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if CAUSAL:
+        # A row may have seen no key yet; exponentiate against 0 then so that -inf - -inf never makes a NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    p = p.to(v.dtype)  # P in the input dtype, as the tensor cores take it
+    if UPCAST_DOT:
+        acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale, batch, num_heads, num_splits, partition_size,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+):
+    # Program (token, kv_head, split): the GROUP query heads of kv_head for one query token are the rows of the
+    # dots, so each K/V tile is read once per kv head. The split covers keys [split * partition_size, + partition_size)
+    # of the token's visible context. Any token works (it need not be its sequence's only one), so this kernel is
+    # correct for every query_start_loc; the launcher uses it when num_tokens == batch.
+    token = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    # Decode steps have token == sequence: try that first, with independent loads, and search only if it is wrong
+    # (saves a dependent global-memory round trip before the first K/V load).
+    q_start = tl.load(query_start_loc_ptr + token, mask=token < batch, other=0)
+    q_end = tl.load(query_start_loc_ptr + token + 1, mask=token < batch, other=0)
+    ctx = tl.load(seq_lens_ptr + token, mask=token < batch, other=0)
+    seq = token
+    if (token < q_start) | (token >= q_end):
+        seq = _count_le(query_start_loc_ptr, token, 1, batch + 1, 1, False, SEARCH_CHUNK)
+        q_start = tl.load(query_start_loc_ptr + seq, mask=seq < batch, other=0)
+        q_end = tl.load(query_start_loc_ptr + seq + 1, mask=seq < batch, other=0)
+        ctx = tl.load(seq_lens_ptr + seq, mask=seq < batch, other=0)
+    real = seq < batch  # tokens past query_start_loc[-1] are CUDA-graph padding
+    kv_len = tl.where(real, ctx - (q_end - q_start) + (token - q_start) + 1, 0)
+    kv_start = split * partition_size
+    kv_stop = tl.minimum(kv_start + partition_size, kv_len)
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    heads = kv_head * GROUP + offs_g
+    row_ok = offs_g < GROUP
+    io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    token64 = token.to(tl.int64)
+    part_row = (token64 * num_heads + heads) * num_splits + split  # [G_PAD] rows of the partial buffers
+    if kv_start < kv_len:
+        q = tl.load(q_ptr + token64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
+        block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        kv_head_offset = kv_head * stride_ch
+        if INT64_OFFSETS:
+            kv_head_offset = kv_head.to(tl.int64) * stride_ch
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        full_stop = kv_start + (kv_stop - kv_start) // BLOCK_N * BLOCK_N
+        for n0 in range(kv_start, full_stop, BLOCK_N):
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
+                                          n0, kv_stop, m_i, qk_scale, stride_cb, stride_cs,
+                                          BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, False, DOT_PRECISION, UPCAST_DOT, INT64_OFFSETS)
+        for n0 in range(full_stop, kv_stop, BLOCK_N):  # the ragged last tile, if any
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
+                                          n0, kv_stop, m_i, qk_scale, stride_cb, stride_cs,
+                                          BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, False, DOT_PRECISION, UPCAST_DOT, INT64_OFFSETS)
+        # kv_start < kv_len: every row scored at least one key, so l_i > 0.
+        o = acc / l_i[:, None]
+        if SPLIT:
+            tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=io_mask)
+            tl.store(part_lse_ptr + part_row, m_i + tl.log2(l_i), mask=row_ok)
+        else:
+            tl.store(out_ptr + token64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        # Nothing visible in this split (past the context, or a padding token): a neutral partial result.
+        if SPLIT:
+            tl.store(part_lse_ptr + part_row, tl.full([G_PAD], float("-inf"), tl.float32), mask=row_ok)
+        else:
+            tl.store(out_ptr + token64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                     tl.zeros([G_PAD, D_PAD], tl.float32).to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_splits, stride_ot, stride_oh,
+                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    # Program (token, head): log-sum-exp merge of the per-split normalised outputs.
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    base = (token * num_heads + head) * num_splits
+    m_vec = tl.full([SPLIT_CHUNK], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        offs_s = s0 + tl.arange(0, SPLIT_CHUNK)
+        lse = tl.load(part_lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+        m_vec = tl.maximum(m_vec, lse)
+    m = tl.max(m_vec, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # a row with no visible key (padding): output 0, not NaN
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    denom = tl.zeros([SPLIT_CHUNK], tl.float32)
+    acc = tl.zeros([D_PAD], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        offs_s = s0 + tl.arange(0, SPLIT_CHUNK)
+        lse = tl.load(part_lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+        w = tl.exp2(lse - m)
+        # Splits past the context wrote no output (their lse is -inf, w == 0): don't read it.
+        part = tl.load(part_out_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                       mask=(w > 0)[:, None] & d_ok[None, :], other=0.0)
+        denom += w
+        acc += tl.sum(part * w[:, None], 0)
+    total = tl.sum(denom, 0)
+    o = acc / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
+    qk_scale, batch,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
+    GROUP: tl.constexpr, HEADS_PER_TILE: tl.constexpr, HEAD_CHUNKS: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SEARCH_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
+):
+    # Program (tile, kv_head x head chunk). A tile is TOKENS_PER_TILE consecutive query tokens of one sequence
+    # times HEADS_PER_TILE query heads sharing kv_head: row r is token r // HEADS_PER_TILE, head r % HEADS_PER_TILE,
+    # so each K/V tile is loaded once for the whole GQA group.
+    # Sequence b's tiles are numbered from query_start_loc[b] // TOKENS_PER_TILE + b on: those ranges are disjoint,
+    # increasing in b and all below num_tokens // TOKENS_PER_TILE + batch, the grid size, so the grid comes from
+    # shapes alone; a program in a gap between two ranges exits.
+    tile_id = tl.program_id(0)
+    kv_head = tl.program_id(1) // HEAD_CHUNKS
+    chunk = tl.program_id(1) % HEAD_CHUNKS
+    seq = _count_le(query_start_loc_ptr, tile_id, 1, batch, TOKENS_PER_TILE, True, SEARCH_CHUNK)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    ctx = tl.load(seq_lens_ptr + seq)
+    num_tiles = (q_len + TOKENS_PER_TILE - 1) // TOKENS_PER_TILE
+    local = tile_id - (q_start // TOKENS_PER_TILE + seq)
+    if (local >= 0) & (local < num_tiles):
+        tile = num_tiles - 1 - local  # a sequence's last tile sees the most keys: start it first
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        tok = offs_m // HEADS_PER_TILE
+        head = chunk * HEADS_PER_TILE + offs_m % HEADS_PER_TILE
+        q_idx = tile * TOKENS_PER_TILE + tok
+        row_ok = (tok < TOKENS_PER_TILE) & (q_idx < q_len) & (head < GROUP)
+        # Rows that hold no query behave like the tile's last real token (never stored), so that every row
+        # sees key 0 first and none stays at -inf.
+        q_idx = tl.minimum(q_idx, q_len - 1)
+        row_limit = ctx - q_len + q_idx  # last visible key of each row
+        io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        tokens64 = (q_start + q_idx).to(tl.int64)
+        heads = kv_head * GROUP + tl.minimum(head, GROUP - 1)
+        q = tl.load(q_ptr + tokens64[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=io_mask, other=0.0)
+        first_limit = ctx - q_len + tile * TOKENS_PER_TILE
+        last_limit = ctx - q_len + tl.minimum(tile * TOKENS_PER_TILE + TOKENS_PER_TILE, q_len) - 1
+        # Keys below full_stop are visible to every row: no masks there. Only the diagonal band is masked.
+        full_stop = tl.maximum(first_limit + 1, 0) // BLOCK_N * BLOCK_N
+        kv_stop = last_limit + 1
+        block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        kv_head_offset = kv_head * stride_ch
+        if INT64_OFFSETS:
+            kv_head_offset = kv_head.to(tl.int64) * stride_ch
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        for n0 in range(0, full_stop, BLOCK_N):
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
+                                          n0, kv_stop, row_limit, qk_scale, stride_cb, stride_cs,
+                                          BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, False, DOT_PRECISION, UPCAST_DOT, INT64_OFFSETS)
+        for n0 in range(full_stop, kv_stop, BLOCK_N):
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
+                                          n0, kv_stop, row_limit, qk_scale, stride_cb, stride_cs,
+                                          BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, True, DOT_PRECISION, UPCAST_DOT, INT64_OFFSETS)
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + tokens64[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter: any small number
+
+
+def _pick(configs: dict, d_pad: int):
+    return configs[min((k for k in configs if k >= d_pad), default=max(configs))]
+
+
+def _decode_partition(programs: int, max_context: int, block_n: int, device: torch.device) -> int:
+    """Keys per split, from shapes only: enough (token, kv_head, split) programs to fill the GPU."""
+    want = triton.cdiv(DECODE_PROGRAMS_PER_SM * _num_sms(device), programs)
+    splits = max(1, min(want, triton.cdiv(max_context, DECODE_MIN_PARTITION), DECODE_MAX_SPLITS))
+    return triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
+
+
 def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                           seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> Tensor:
-    raise NotImplementedError("Triton paged attention is being written")
+                           seq_lens: Tensor, query_start_loc: Tensor, scale: float, *,
+                           decode_config: DecodeConfig | None = None,
+                           prefill_config: PrefillConfig | None = None) -> Tensor:
+    """The Triton implementation of ``cinfer::paged_attention`` (same arguments and result; see the module doc).
+
+    No host syncs and no data-dependent Python control flow: grids and the kernel choice come from shapes, so it
+    can be captured in a CUDA graph. ``num_tokens == batch`` runs the split-KV decode kernel (plus the merge of
+    its splits when there is more than one), anything else the tiled flash kernel; both are correct for any
+    ``query_start_loc``. ``decode_config``/``prefill_config`` override the tiling (for tuning and tests).
+    """
+    _check(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    batch = block_tables.shape[0]
+    assert query.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {query.dtype}"
+    assert k_cache.dtype == v_cache.dtype == query.dtype, f"cache dtype {k_cache.dtype} != query dtype {query.dtype}"
+    assert head_dim % 16 == 0 and head_dim <= 256, f"head_dim must be a multiple of 16 up to 256, got {head_dim}"
+    assert block_size & (block_size - 1) == 0, f"block_size must be a power of two, got {block_size}"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1, "k/v caches must share a unit-stride layout"
+    assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
+    if query.stride(2) != 1:
+        query = query.contiguous()
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
+    if num_tokens == 0 or batch == 0:
+        return out
+    group = num_heads // kv_heads
+    d_pad = max(triton.next_power_of_2(head_dim), 16)
+    qk_scale = scale * _LOG2E
+    dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
+    upcast_dot = query.dtype == torch.bfloat16 and query.device.type != "cuda"  # the interpreter: see _attend_block
+    int64_offsets = k_cache.numel() >= _INT32_OFFSET_LIMIT
+    search_chunk = min(triton.next_power_of_2(batch), _MAX_SEARCH_CHUNK)
+    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
+
+    if num_tokens == batch:
+        cfg = decode_config or _pick(DECODE_CONFIGS, d_pad)
+        max_context = block_tables.shape[1] * block_size
+        partition = cfg.partition_size or _decode_partition(batch * kv_heads, max_context, cfg.block_n, query.device)
+        partition = triton.cdiv(partition, cfg.block_n) * cfg.block_n
+        num_splits = triton.cdiv(max_context, partition)
+        split = num_splits > 1
+        if split:
+            part_out = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
+            part_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device)
+        else:
+            part_out = part_lse = out  # not touched when SPLIT is False
+        _decode_kernel[(num_tokens, kv_heads, num_splits)](
+            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse,
+            qk_scale, batch, num_heads, num_splits, partition,
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1), *cache_strides,
+            GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim, D_PAD=d_pad,
+            BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, SEARCH_CHUNK=search_chunk, SPLIT=split,
+            DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, INT64_OFFSETS=int64_offsets,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if split:
+            _merge_splits_kernel[(num_tokens, num_heads)](
+                part_out, part_lse, out, num_heads, num_splits, out.stride(0), out.stride(1),
+                HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_CHUNK=_SPLIT_CHUNK, num_warps=4 if d_pad >= 128 else 2,
+            )
+        return out
+
+    cfg = prefill_config or _pick(PREFILL_CONFIGS, d_pad)
+    heads_per_tile = min(group, cfg.block_m)
+    head_chunks = triton.cdiv(group, heads_per_tile)
+    tokens_per_tile = cfg.block_m // heads_per_tile
+    grid = (num_tokens // tokens_per_tile + batch, kv_heads * head_chunks)
+    _prefill_kernel[grid](
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+        qk_scale, batch,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), *cache_strides,
+        GROUP=group, HEADS_PER_TILE=heads_per_tile, HEAD_CHUNKS=head_chunks, TOKENS_PER_TILE=tokens_per_tile,
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        SEARCH_CHUNK=search_chunk, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, INT64_OFFSETS=int64_offsets,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
 
 
 @torch.library.custom_op("cinfer::paged_attention", mutates_args=(), device_types="cpu")

@@ -1,0 +1,293 @@
+"""``cinfer::paged_attention`` against an independent float64 reference.
+
+The Triton kernels run natively on a GPU and through Triton's interpreter on CPU (tests/conftest.py), with small
+tile sizes there so that short contexts still span several tiles and splits. Every case poisons what must never
+be read: cache slots outside each sequence's context hold NaN, block-table entries past a sequence's last block
+hold garbage (indices of poisoned blocks, -1, huge values), and physical blocks are a random permutation.
+"""
+import importlib
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cinfer_ops  # noqa: F401  (registers torch.ops.cinfer.*)
+from cinfer_ops.paged_attention import DecodeConfig, PrefillConfig, paged_attention_triton
+from tests.conftest import HAS_CUDA, TRITON_DEVICE
+from tests.tolerances import ATTENTION, assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The module, not the op of the same name that cinfer_ops re-exports.
+paged_attention_module = importlib.import_module("cinfer_ops.paged_attention")
+OP_DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+# Interpreter-sized tiles: ragged last tiles, several key tiles per query tile, several splits per sequence.
+SMALL_PREFILL = [PrefillConfig(16, 16, 4, 1), PrefillConfig(32, 16, 4, 1), PrefillConfig(64, 32, 4, 1)]
+SMALL_DECODE_PARTITIONS = [16, 32, 48]
+
+
+def reference_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+    """float64, one query token at a time: gather each visible position's K/V by slot, softmax, weighted sum."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = num_heads // kv_heads
+    q = query.double().cpu()
+    k_slots = k_cache.double().cpu().reshape(-1, kv_heads, head_dim)
+    v_slots = v_cache.double().cpu().reshape(-1, kv_heads, head_dim)
+    tables, lens, starts = block_tables.cpu().long(), seq_lens.cpu().tolist(), query_start_loc.cpu().tolist()
+    kv_head_of = torch.arange(num_heads) // group
+    out = torch.full((num_tokens, num_heads, head_dim), float("nan"), dtype=torch.float64)
+    for b, ctx in enumerate(lens):
+        q_len = starts[b + 1] - starts[b]
+        for i in range(q_len):
+            visible = torch.arange(ctx - q_len + i + 1)
+            slots = tables[b, visible // block_size] * block_size + visible % block_size
+            k = k_slots[slots][:, kv_head_of]  # [visible, num_heads, head_dim]
+            v = v_slots[slots][:, kv_head_of]
+            scores = torch.einsum("hd,nhd->hn", q[starts[b] + i], k) * scale
+            out[starts[b] + i] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v)
+    return out
+
+
+@dataclass
+class Case:
+    q_lens: list[int]
+    seq_lens: list[int]
+    num_kv_heads: int
+    group: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    padding_rows: int = 0  # query rows past query_start_loc[-1] (CUDA-graph padding)
+    scale_factor: float = 1.0
+    seed: int = 0
+
+
+def build(case: Case, device: str):
+    """Tensors for one case: (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    bs, kv_heads, head_dim = case.block_size, case.num_kv_heads, case.head_dim
+    batch = len(case.q_lens)
+    blocks_needed = [math.ceil(n / bs) for n in case.seq_lens]
+    max_blocks = max(blocks_needed, default=0) + 2  # room for garbage past every sequence's last block
+    num_blocks = sum(blocks_needed) + 3  # spare blocks stay fully poisoned
+    physical = torch.randperm(num_blocks, generator=gen)
+    k_cache = torch.full((num_blocks, bs, kv_heads, head_dim), float("nan"), dtype=case.dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    garbage = [-1, 2**31 - 1, -(2**31), num_blocks, 10**6] + physical.tolist()
+    block_tables = torch.tensor(garbage, dtype=torch.int32)[torch.randint(len(garbage), (batch, max_blocks), generator=gen)]
+    used = 0
+    for b, (ctx, n_blocks) in enumerate(zip(case.seq_lens, blocks_needed)):
+        for j in range(n_blocks):
+            block = physical[used]
+            used += 1
+            block_tables[b, j] = block
+            rows = min(bs, ctx - j * bs)
+            k_cache[block, :rows] = torch.randn(rows, kv_heads, head_dim, generator=gen).to(case.dtype)
+            v_cache[block, :rows] = torch.randn(rows, kv_heads, head_dim, generator=gen).to(case.dtype)
+    query_start_loc = torch.tensor([0] + torch.tensor(case.q_lens, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32)
+    num_tokens = int(query_start_loc[-1]) + case.padding_rows
+    query = torch.randn(num_tokens, kv_heads * case.group, head_dim, generator=gen).to(case.dtype)
+    seq_lens = torch.tensor(case.seq_lens, dtype=torch.int32)
+    scale = case.scale_factor / math.sqrt(head_dim)
+    tensors = [t.to(device) for t in (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc)]
+    return (*tensors, scale)
+
+
+def check(case: Case, out, args, msg=""):
+    expected = reference_attention(*args)
+    real = int(args[5][-1])
+    assert out.shape == args[0].shape and out.dtype == case.dtype
+    assert_close(out[:real], expected[:real], ATTENTION, case.dtype, msg=f"{case} {msg}")
+
+
+# ---- strategies ---------------------------------------------------------------------------------------------------
+
+HEADS = [(1, 1), (2, 1), (1, 4), (2, 2), (1, 3), (2, 4)]  # (num_kv_heads, group): MHA, MQA and GQA, one odd group
+
+
+@st.composite
+def context_length(draw, block_size, max_blocks):
+    """At and around block boundaries most of the time, anywhere otherwise."""
+    if draw(st.booleans()):
+        return max(1, draw(st.integers(0, max_blocks)) * block_size + draw(st.sampled_from([-1, 0, 1])))
+    return draw(st.integers(1, max_blocks * block_size))
+
+
+@st.composite
+def mixed_case(draw, max_batch=4, head_dims=(16, 64, 80, 128), block_sizes=(8, 16, 32), max_blocks=3):
+    """Prefill, chunked/prefix-cached prefill and decode sequences in one batch; never num_tokens == batch."""
+    bs = draw(st.sampled_from(block_sizes))
+    kv_heads, group = draw(st.sampled_from(HEADS))
+    q_lens, seq_lens = [], []
+    for _ in range(draw(st.integers(1, max_batch))):
+        ctx = draw(context_length(bs, max_blocks))
+        kind = draw(st.sampled_from(["prefill", "chunk", "decode"]))
+        q_len = ctx if kind == "prefill" else 1 if kind == "decode" else draw(st.integers(1, ctx))
+        q_lens.append(q_len)
+        seq_lens.append(ctx)
+    padding = draw(st.integers(0, 2))
+    if sum(q_lens) + padding == len(q_lens):
+        padding += 1  # keep this the flash kernel's test; the decode kernel has its own
+    return Case(q_lens, seq_lens, kv_heads, group, draw(st.sampled_from(head_dims)), bs, draw(st.sampled_from(DTYPES)),
+                padding_rows=padding, scale_factor=draw(st.sampled_from([0.5, 1.0, 2.0])), seed=draw(st.integers(0, 2**16)))
+
+
+@st.composite
+def decode_case(draw, max_batch=5, head_dims=(16, 64, 80, 128), block_sizes=(8, 16, 32), max_blocks=8):
+    """num_tokens == batch (the split-KV kernel). Usually one query per sequence; sometimes q_len 0, 2 or 3 and
+    padding rows, which that kernel must get right too."""
+    bs = draw(st.sampled_from(block_sizes))
+    kv_heads, group = draw(st.sampled_from(HEADS))
+    batch = draw(st.integers(1, max_batch))
+    if draw(st.integers(0, 3)) == 0:
+        q_lens = draw(st.lists(st.integers(0, 3), min_size=batch, max_size=batch))
+        while sum(q_lens) > len(q_lens):
+            q_lens.append(0)
+    else:
+        q_lens = [1] * batch
+    seq_lens = [max(q, draw(context_length(bs, max_blocks))) for q in q_lens]
+    padding = len(q_lens) - sum(q_lens)
+    return Case(q_lens, seq_lens, kv_heads, group, draw(st.sampled_from(head_dims)), bs, draw(st.sampled_from(DTYPES)),
+                padding_rows=padding, scale_factor=draw(st.sampled_from([0.5, 1.0, 2.0])), seed=draw(st.integers(0, 2**16)))
+
+
+# ---- the Triton kernels (interpreter on CPU, native on GPU) -------------------------------------------------------
+
+@settings(max_examples=max(100, settings().max_examples))
+@given(case=mixed_case(), cfg=st.sampled_from(SMALL_PREFILL))
+def test_flash_kernel_matches_reference(case, cfg):
+    args = build(case, TRITON_DEVICE)
+    assert args[0].shape[0] != args[3].shape[0]
+    check(case, paged_attention_triton(*args, prefill_config=cfg), args, f"{cfg}")
+
+
+@settings(max_examples=max(100, settings().max_examples))
+@given(case=decode_case(), partition=st.sampled_from(SMALL_DECODE_PARTITIONS + [None]))
+def test_split_kv_kernel_matches_reference(case, partition):
+    args = build(case, TRITON_DEVICE)
+    assert args[0].shape[0] == args[3].shape[0]
+    cfg = DecodeConfig(block_n=16, num_warps=4, num_stages=1, partition_size=partition)
+    check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
+
+
+@pytest.mark.parametrize("int64_offsets", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_kv_kernel_many_splits(dtype, int64_offsets, monkeypatch):
+    # Contexts across 1 to 7 splits of 16 keys, some ending one key into a split, with GQA: the log-sum-exp merge.
+    # Caches of 2**31 elements and more take 64-bit offsets; lowering the threshold runs that path on a small one.
+    if int64_offsets:
+        monkeypatch.setattr(paged_attention_module, "_INT32_OFFSET_LIMIT", 0)
+    case = Case(q_lens=[1] * 5, seq_lens=[1, 17, 48, 97, 112], num_kv_heads=2, group=4, head_dim=64, block_size=8,
+                dtype=dtype, seed=7)
+    args = build(case, TRITON_DEVICE)
+    check(case, paged_attention_triton(*args, decode_config=DecodeConfig(16, 4, 1, partition_size=16)), args)
+
+
+@pytest.mark.parametrize("q_lens", [[2, 0, 1], [0, 3, 0], [0, 0, 0], [1, 1, 0]])
+def test_split_kv_kernel_with_uneven_queries(q_lens):
+    # num_tokens == batch picks the split-KV kernel from shapes alone; it must not assume one query per sequence.
+    case = Case(q_lens=q_lens, seq_lens=[max(q, 1) + 20 for q in q_lens], num_kv_heads=1, group=2, head_dim=32,
+                block_size=8, dtype=torch.float32, padding_rows=len(q_lens) - sum(q_lens), seed=3)
+    args = build(case, TRITON_DEVICE)
+    for partition in (16, None):
+        check(case, paged_attention_triton(*args, decode_config=DecodeConfig(16, 4, 1, partition)), args)
+
+
+@pytest.mark.parametrize("int64_offsets", [False, True])
+def test_flash_kernel_long_prefill_with_prefix(int64_offsets, monkeypatch):
+    # Prefix-cached prefill: 40 new tokens after 60 cached ones, next to a full prefill and a decode, tiles of
+    # 16 tokens x 2 heads: query tiles cross key blocks and the unmasked/diagonal split lands mid-tile.
+    if int64_offsets:
+        monkeypatch.setattr(paged_attention_module, "_INT32_OFFSET_LIMIT", 0)
+    case = Case(q_lens=[40, 33, 1], seq_lens=[100, 33, 70], num_kv_heads=2, group=2, head_dim=32, block_size=16,
+                dtype=torch.float32, seed=11)
+    args = build(case, TRITON_DEVICE)
+    check(case, paged_attention_triton(*args, prefill_config=PrefillConfig(32, 16, 4, 1)), args)
+
+
+def test_decode_padding_sequences():
+    # A CUDA-graph batch bucket: two real sequences, two padding ones with an empty context and garbage tables.
+    case = Case(q_lens=[1, 1, 1, 1], seq_lens=[30, 9, 0, 0], num_kv_heads=1, group=4, head_dim=16, block_size=8,
+                dtype=torch.float16, seed=5)
+    args = build(case, TRITON_DEVICE)
+    expected = reference_attention(*args)
+    for partition in (16, None):
+        out = paged_attention_triton(*args, decode_config=DecodeConfig(16, 4, 1, partition))
+        assert_close(out[:2], expected[:2], ATTENTION, case.dtype)
+        assert torch.isfinite(out[2:]).all()  # unspecified, but a padding row must not turn into NaN
+
+
+# ---- the registered op -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+@settings(max_examples=15)
+@given(case=st.one_of(mixed_case(), decode_case()))
+def test_op_matches_reference(device, case):
+    args = build(case, device)
+    out = torch.ops.cinfer.paged_attention(*args)
+    assert out.device.type == device
+    check(case, out, args)
+
+
+GPU_BLOCK_SIZES = (16, 32, 128)
+
+
+@pytest.mark.gpu
+@settings(max_examples=25)
+@given(case=st.one_of(mixed_case(max_batch=6, head_dims=(64, 80, 128, 256), block_sizes=GPU_BLOCK_SIZES, max_blocks=12),
+                      decode_case(max_batch=8, head_dims=(64, 80, 128, 256), block_sizes=GPU_BLOCK_SIZES, max_blocks=40)))
+def test_op_cuda_default_tiles(case):
+    # The tuned default tile sizes, at sizes the interpreter would be too slow for.
+    args = build(case, "cuda")
+    check(case, torch.ops.cinfer.paged_attention(*args), args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("first,second", [
+    (([1] * 6, [500, 31, 1200, 16, 7, 64]), ([1] * 6, [33, 900, 2, 1100, 640, 129])),  # decode, split-KV
+    (([50, 1, 20], [300, 17, 20]), ([10, 10, 51], [10, 100, 61])),  # mixed prefill, same token count
+])
+def test_cuda_graph_replay(first, second):
+    # Capture one call, then refill the static inputs with other sequences and replay: a host sync would fail the
+    # capture, a value baked in at capture time would fail the comparison.
+    cases = [Case(q, s, num_kv_heads=2, group=4, head_dim=128, block_size=16, dtype=torch.bfloat16, seed=i)
+             for i, (q, s) in enumerate((first, second))]
+    inputs = [build(case, "cuda") for case in cases]
+    static = []
+    for i, fill in enumerate([0.0, float("nan"), float("nan"), 0, 0, 0]):
+        shape = [max(x[i].shape[d] for x in inputs) for d in range(inputs[0][i].dim())]
+        static.append(torch.full(shape, fill, dtype=inputs[0][i].dtype, device="cuda"))
+    scale = inputs[0][6]
+
+    def load(tensors):
+        for buf, new in zip(static, tensors[:6]):
+            buf.fill_(0 if buf.dtype == torch.int32 else float("nan"))
+            buf[tuple(slice(0, n) for n in new.shape)].copy_(new)
+
+    load(inputs[0])
+    paged_attention_triton(*static, scale)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention_triton(*static, scale)
+    for case, tensors in zip(cases, inputs):
+        load(tensors)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert (static[0].shape[0] == static[3].shape[0]) == (case.q_lens == [1] * len(case.q_lens))
+        check(case, out.clone(), (*static, scale))
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+@pytest.mark.parametrize("q_lens,seq_lens", [([1, 1, 1], [9, 1, 24]), ([5, 1, 8], [5, 12, 20])])
+def test_opcheck(device, q_lens, seq_lens):
+    case = Case(q_lens, seq_lens, num_kv_heads=2, group=2, head_dim=16, block_size=8, dtype=torch.float32, seed=1)
+    query, k_cache, v_cache, block_tables, seq_lens_t, query_start_loc, scale = build(case, device)
+    # opcheck compares inputs before and after the call; NaN never equals itself, so poison with large values here.
+    k_cache = torch.nan_to_num(k_cache, nan=1e4)
+    v_cache = torch.nan_to_num(v_cache, nan=-1e4)
+    torch.library.opcheck(torch.ops.cinfer.paged_attention.default,
+                          (query, k_cache, v_cache, block_tables, seq_lens_t, query_start_loc, scale))
