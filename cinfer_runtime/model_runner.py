@@ -68,7 +68,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         use_graphs = device.type == "cuda" and not config.enforce_eager
         buckets = decode_buckets(config.max_num_seqs)
-        max_batch = buckets[-1] if use_graphs else config.max_num_seqs
+        # The warm-up runs two sequences whatever max_num_seqs is (one prefill- and one decode-shaped step).
+        max_batch = max(buckets[-1] if use_graphs else config.max_num_seqs, 2)
         max_num_tokens = max(config.max_num_batched_tokens, max_batch)
         on_gpu = device.type == "cuda"
         self.host = StepBuffers.allocate(max_num_tokens, max_batch, config.max_blocks_per_seq, torch.device("cpu"),

@@ -77,6 +77,14 @@ def test_greedy_matches_hf_under_heavy_preemption(small_cache_engine, prompts, r
     assert bm.num_free_blocks == bm.num_blocks
 
 
+def test_one_sequence_at_a_time_matches_hf(model, prompts, reference):
+    # max_num_seqs=1 (the batch-1 benchmark's setting): requests run strictly one after another.
+    engine = cinfer_runtime.compile(model, block_size=BLOCK_SIZE, num_kv_blocks=16, max_num_seqs=1,
+                                    inner_backend="eager")
+    outs = engine.generate(prompts[:3], [greedy(m) for m in MAX_TOKENS[:3]], use_tqdm=False)
+    assert [o.token_ids for o in outs] == reference[:3]
+
+
 def test_padding_rows_leave_real_rows_unchanged(engine, prompts):
     """What CUDA-graph decode relies on, checked on the real ops: padding a decode step to a larger batch
     (slot -1 tokens, sequences with no new tokens) changes neither the real rows' logits nor the cache."""
