@@ -20,9 +20,12 @@ def rms_norm_launch_params(hidden: int, n_rows: int) -> tuple[int, int]:
     each, with enough warps that every thread holds a couple of 16-byte vectors.
     """
     block = triton.next_power_of_2(hidden)
-    rows_per_program = 1 if n_rows < 1024 else max(1, min(8, 2048 // block))
-    num_warps = min(max(block * rows_per_program // 512, 1), 16)
-    return rows_per_program, num_warps
+    if n_rows < 1024:
+        return 1, min(max(block // 512, 1), 16)
+    # Many rows: ~16K elements and 16 warps a program. On an H200 (2026-11-26 sweep) [8192, 4096] bf16 ran at 84%
+    # of copy bandwidth with (4, 16) against 54% with (1, 8); fused_add_rms_norm was at 89% with either.
+    rows_per_program = max(1, min(8, 16384 // block))
+    return rows_per_program, min(max(block * rows_per_program // 1024, 1), 16)
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
