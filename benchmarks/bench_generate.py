@@ -7,6 +7,7 @@ size. Reports output tokens/s, time per output token (TPOT), time to first token
 (compile + CUDA-graph capture), plus the batch-1 roofline: weight bytes / copy bandwidth measured in this run.
 """
 import argparse
+import os
 import time
 
 import torch
@@ -68,6 +69,25 @@ def bench_cinfer(model, prompts: torch.Tensor, new_tokens: int, max_num_seqs: in
     return total_s, ttft_s, startup_s, engine
 
 
+def profile_cinfer(engine, prompts: torch.Tensor, new_tokens: int, path: str) -> None:
+    """Torch-profiler summary of one cinfer generate (kernels by total device time, plus host ops), to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cinfer_runtime import SamplingParams
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    with profile(activities=activities) as prof:
+        engine.generate(prompts.tolist(), params, use_tqdm=False)
+        _sync()
+    sort_by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"batch {prompts.shape[0]}, prompt {prompts.shape[1]}, {new_tokens} new tokens\n{table}\n")
+    print(table)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="llama3-8b | llama3-1b | tiny | a local checkpoint folder")
@@ -77,6 +97,8 @@ def main():
     ap.add_argument("--peers", default="cinfer,hf_static,hf_eager", help="comma list of cinfer, hf_static, hf_eager")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile one cinfer generate of N new tokens per batch size (0: off)")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,6 +121,8 @@ def main():
             try:
                 if peer == "cinfer":
                     total, ttft, startup, engine = bench_cinfer(model, prompts, args.new_tokens, max(batches), engine)
+                    if args.profile:
+                        profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_cinfer_b{batch}.txt")
                     if startup == 0.0:
                         startup = None
                 else:

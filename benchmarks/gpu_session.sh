@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks, in two device calls of under 10 minutes each; logs and JSON land in $OUT.
+#   bash benchmarks/gpu_session.sh tests   # every test natively on the GPU (kernels, passes, runtime, CUDA graphs)
+#   bash benchmarks/gpu_session.sh bench   # bench_ops, bench_generate (8B shape, with a profile), bench_serving
+# Run from the repository root on the GPU machine (torch/triton/transformers preinstalled; nothing to install).
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+
+stage() {  # stage NAME SECONDS CMD...: one bounded step; its whole output goes to $OUT/NAME.txt
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    echo "== $name exit $?"
+    tail -n 25 "$OUT/$name.txt"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+case "${1:-}" in
+    tests)
+        stage gpu_tests 540 python -m pytest -q -p no:cacheprovider --durations=10 tests ;;
+    bench)
+        stage bench_ops 120 python -m benchmarks.bench_ops --out "$OUT"
+        stage bench_generate 300 python -m benchmarks.bench_generate --model llama3-8b --batch 1,16,64 \
+            --peers cinfer,hf_static --profile 32 --out "$OUT"
+        stage bench_serving 150 python -m benchmarks.bench_serving --model llama3-1b --peers cinfer,hf_padded \
+            --out "$OUT" ;;
+    *)
+        echo "usage: bash benchmarks/gpu_session.sh tests|bench" >&2
+        exit 2 ;;
+esac
