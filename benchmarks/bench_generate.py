@@ -70,7 +70,8 @@ def bench_cinfer(model, prompts: torch.Tensor, new_tokens: int, max_num_seqs: in
 
 
 def profile_cinfer(engine, prompts: torch.Tensor, new_tokens: int, path: str) -> None:
-    """Torch-profiler summary of one cinfer generate (kernels by total device time, plus host ops), to ``path``."""
+    """Torch-profiler summary of one cinfer generate (kernels by total device time, plus host ops), appended to
+    ``path`` (one file for every batch size keeps the device machine's returned files few)."""
     from torch.profiler import ProfilerActivity, profile
 
     from cinfer_runtime import SamplingParams
@@ -83,7 +84,7 @@ def profile_cinfer(engine, prompts: torch.Tensor, new_tokens: int, path: str) ->
     sort_by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path, "a") as f:
         f.write(f"batch {prompts.shape[0]}, prompt {prompts.shape[1]}, {new_tokens} new tokens\n{table}\n")
     print(table)
 
@@ -122,7 +123,7 @@ def main():
                 if peer == "cinfer":
                     total, ttft, startup, engine = bench_cinfer(model, prompts, args.new_tokens, max(batches), engine)
                     if args.profile:
-                        profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_cinfer_b{batch}.txt")
+                        profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_cinfer.txt")
                     if startup == 0.0:
                         startup = None
                 else:
