@@ -5,8 +5,14 @@
 Workload: random prompts of --prompt-len tokens, exactly --new-tokens generated (greedy, EOS ignored), per batch
 size. Reports output tokens/s, time per output token (TPOT), time to first token (TTFT) and start-up time
 (compile + CUDA-graph capture), plus the batch-1 roofline: weight bytes / copy bandwidth measured in this run.
+
+Peers: ``cinfer`` (synchronous steps), ``cinfer_async`` (``async_scheduling=True``: the next decode step is launched
+before the previous step's tokens are read), ``hf_static``, ``hf_eager``. Each cinfer engine gets a KV cache sized
+for the workload (twice the largest batch's tokens), not from free memory: a deleted engine's cache is not
+returned to the device (its compiled graph keeps it alive), so the second engine of the run must fit beside it.
 """
 import argparse
+import gc
 import os
 import time
 
@@ -52,14 +58,21 @@ def bench_hf(model, prompts: torch.Tensor, new_tokens: int, static: bool) -> tup
     return total_s, ttft_s, startup_s if static else 0.0
 
 
-def bench_cinfer(model, prompts: torch.Tensor, new_tokens: int, max_num_seqs: int, engine=None):
+CINFER_PEERS = {"cinfer": False, "cinfer_async": True}  # peer -> async_scheduling
+BLOCK_SIZE = 16
+
+
+def bench_cinfer(model, prompts: torch.Tensor, new_tokens: int, max_num_seqs: int, engine=None,
+                 async_scheduling: bool = False, max_tokens_per_seq: int = 0):
     import cinfer_runtime
     from cinfer_runtime import SamplingParams
 
     startup_s = 0.0
     if engine is None:
-        startup_s, engine = _timed(lambda: cinfer_runtime.compile(model, max_num_seqs=max_num_seqs,
-                                                                   gpu_memory_utilization=0.85))
+        num_kv_blocks = 2 * max_num_seqs * -(-max_tokens_per_seq // BLOCK_SIZE)
+        startup_s, engine = _timed(lambda: cinfer_runtime.compile(
+            model, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs, num_kv_blocks=num_kv_blocks,
+            async_scheduling=async_scheduling))
     token_lists = prompts.tolist()
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     engine.generate(token_lists, params, use_tqdm=False)  # warm-up at this batch size
@@ -95,7 +108,8 @@ def main():
     ap.add_argument("--batch", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--peers", default="cinfer,hf_static,hf_eager", help="comma list of cinfer, hf_static, hf_eager")
+    ap.add_argument("--peers", default="cinfer,cinfer_async,hf_static,hf_eager",
+                    help="comma list of cinfer, cinfer_async, hf_static, hf_eager")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -115,34 +129,47 @@ def main():
     print(f"copy bandwidth {bw:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; batch-1 roofline {roofline:.1f} tok/s")
 
     gen = torch.Generator().manual_seed(0)
-    rows, engine = [], None
+    rows = []
     for peer in peers:
+        engine = None  # one cinfer engine per peer, reused across batch sizes
         for batch in batches:
             prompts = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
             try:
-                if peer == "cinfer":
-                    total, ttft, startup, engine = bench_cinfer(model, prompts, args.new_tokens, max(batches), engine)
+                if peer in CINFER_PEERS:
+                    total, ttft, startup, engine = bench_cinfer(
+                        model, prompts, args.new_tokens, max(batches), engine, async_scheduling=CINFER_PEERS[peer],
+                        max_tokens_per_seq=args.prompt_len + args.new_tokens)
                     if args.profile:
-                        profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_cinfer.txt")
+                        profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_{peer}.txt")
                     if startup == 0.0:
                         startup = None
+                    overlapped = engine.num_overlapped_steps  # so far on this engine: > 0 iff async overlapped
                 else:
                     total, ttft, startup = bench_hf(model, prompts, args.new_tokens, static=(peer == "hf_static"))
                 row = _row(peer, batch, args.new_tokens, total, ttft, startup)
+                if peer in CINFER_PEERS:
+                    row["overlapped_steps"] = overlapped
             except Exception as e:  # one peer failing must not hide the others' numbers
                 row = dict(peer=peer, batch=batch, error=f"{type(e).__name__}: {e}"[:300])
             if batch == 1 and "tok_s" in row:
                 row["pct_roofline"] = 100 * row["tok_s"] / roofline
             rows.append(row)
             print(row, flush=True)
-    if engine is not None:
-        del engine
+        if engine is not None:
+            del engine
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     by = {(r["peer"], r["batch"]): r for r in rows}
     for r in rows:
         ref = by.get(("hf_static", r["batch"]))
-        if r["peer"] == "cinfer" and ref and "tok_s" in r and "tok_s" in ref:
+        if r["peer"] in CINFER_PEERS and ref and "tok_s" in r and "tok_s" in ref:
             r["x_hf_static"] = r["tok_s"] / ref["tok_s"]
-    print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "pct_roofline", "x_hf_static", "error"])
+        sync = by.get(("cinfer", r["batch"]))
+        if r["peer"] == "cinfer_async" and sync and "tok_s" in r and "tok_s" in sync:
+            r["x_cinfer_sync"] = r["tok_s"] / sync["tok_s"]
+    print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "pct_roofline", "x_hf_static",
+                       "x_cinfer_sync", "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_generate_{args.model.replace('/', '_')}.json",
                dict(info=info, copy_gbps=bw, weight_bytes=wbytes, roofline_tok_s=roofline, args=vars(args), rows=rows))
 

@@ -5,8 +5,14 @@
 Workload (seeded): --num-requests requests, prompt lengths uniform in [64, 1024], output lengths uniform in
 [64, 512], all submitted at once, EOS ignored. Reports output tokens/s (only the tokens each request asked for)
 and p50/p99 request latency (submission to last token).
+
+Peers: ``cinfer`` (synchronous steps), ``cinfer_async`` (``async_scheduling=True``), ``hf_padded``,
+``hf_generate_batch``. Each cinfer engine's KV cache holds --max-num-seqs requests of the workload's largest
+length (no preemption at full concurrency) rather than filling free memory: a deleted engine's cache is not
+returned to the device (its compiled graph keeps it alive), so the second cinfer engine must fit beside the first.
 """
 import argparse
+import gc
 import time
 
 import torch
@@ -33,12 +39,19 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
-def run_cinfer(model, prompts, olens, max_num_seqs):
+CINFER_PEERS = {"cinfer": False, "cinfer_async": True}  # peer -> async_scheduling
+BLOCK_SIZE = 16
+
+
+def run_cinfer(model, prompts, olens, max_num_seqs, peer="cinfer"):
     import cinfer_runtime
     from cinfer_runtime import SamplingParams
 
+    longest = max(len(p) + o for p, o in zip(prompts, olens))
     t0 = time.perf_counter()
-    engine = cinfer_runtime.compile(model, max_num_seqs=max_num_seqs, gpu_memory_utilization=0.85)
+    engine = cinfer_runtime.compile(model, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
+                                    num_kv_blocks=max_num_seqs * -(-longest // BLOCK_SIZE),
+                                    async_scheduling=CINFER_PEERS[peer])
     startup = time.perf_counter() - t0
     engine.generate(prompts[:8], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 8, use_tqdm=False)
     _sync()
@@ -53,8 +66,9 @@ def run_cinfer(model, prompts, olens, max_num_seqs):
                 produced += len(out.token_ids)
     elapsed = time.perf_counter() - start
     assert len(latency) == len(ids) and produced == sum(olens), (len(latency), produced, sum(olens))
-    return dict(peer="cinfer", tok_s=sum(olens) / elapsed, elapsed_s=elapsed, startup_s=startup,
-                p50_s=_pct(latency.values(), 50), p99_s=_pct(latency.values(), 99))
+    return dict(peer=peer, tok_s=sum(olens) / elapsed, elapsed_s=elapsed, startup_s=startup,
+                p50_s=_pct(latency.values(), 50), p99_s=_pct(latency.values(), 99),
+                preemptions=engine.scheduler.num_preemptions, overlapped_steps=engine.num_overlapped_steps)
 
 
 def run_hf_padded(model, prompts, olens, batch_size):
@@ -100,7 +114,7 @@ def main():
     ap.add_argument("--num-requests", type=int, default=512)
     ap.add_argument("--prompt-range", default="64,1024")
     ap.add_argument("--output-range", default="64,512")
-    ap.add_argument("--peers", default="cinfer,hf_padded,hf_generate_batch")
+    ap.add_argument("--peers", default="cinfer,cinfer_async,hf_padded,hf_generate_batch")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="benchmarks/out")
@@ -116,8 +130,11 @@ def main():
     rows = []
     for peer in args.peers.split(","):
         try:
-            if peer == "cinfer":
-                rows.append(run_cinfer(model, prompts, olens, args.max_num_seqs))
+            if peer in CINFER_PEERS:
+                rows.append(run_cinfer(model, prompts, olens, args.max_num_seqs, peer))
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             elif peer == "hf_padded":
                 rows.append(run_hf_padded(model, prompts, olens, 64))
             elif peer == "hf_generate_batch":
@@ -127,11 +144,15 @@ def main():
         except Exception as e:
             rows.append(dict(peer=peer, error=f"{type(e).__name__}: {e}"[:300]))
         print(rows[-1], flush=True)
-    best_hf = max((r["tok_s"] for r in rows if r["peer"] != "cinfer" and "tok_s" in r), default=None)
+    best_hf = max((r["tok_s"] for r in rows if r["peer"] not in CINFER_PEERS and "tok_s" in r), default=None)
+    sync = next((r for r in rows if r["peer"] == "cinfer" and "tok_s" in r), None)
     for r in rows:
-        if r["peer"] == "cinfer" and best_hf and "tok_s" in r:
+        if r["peer"] in CINFER_PEERS and best_hf and "tok_s" in r:
             r["x_best_hf"] = r["tok_s"] / best_hf
-    print_table(rows, ["peer", "tok_s", "elapsed_s", "p50_s", "p99_s", "startup_s", "x_best_hf", "error"])
+        if r["peer"] == "cinfer_async" and sync and "tok_s" in r:
+            r["x_cinfer_sync"] = r["tok_s"] / sync["tok_s"]
+    print_table(rows, ["peer", "tok_s", "elapsed_s", "p50_s", "p99_s", "startup_s", "x_best_hf", "x_cinfer_sync",
+                       "preemptions", "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_serving_{args.model.replace('/', '_')}.json", dict(info=info, args=vars(args), rows=rows))
 
 

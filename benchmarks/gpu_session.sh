@@ -23,10 +23,10 @@ case "${1:-}" in
         stage gpu_tests 540 python -m pytest -q -p no:cacheprovider --durations=10 tests ;;
     bench)
         stage bench_ops 120 python -m benchmarks.bench_ops --out "$OUT"
-        stage bench_generate 300 python -m benchmarks.bench_generate --model llama3-8b --batch 1,16,64 \
-            --peers cinfer,hf_static --profile 32 --out "$OUT"
-        stage bench_serving 150 python -m benchmarks.bench_serving --model llama3-1b --peers cinfer,hf_padded \
-            --out "$OUT" ;;
+        stage bench_generate 320 python -m benchmarks.bench_generate --model llama3-8b --batch 1,16,64 \
+            --peers cinfer,cinfer_async,hf_static --profile 32 --out "$OUT"
+        stage bench_serving 150 python -m benchmarks.bench_serving --model llama3-1b \
+            --peers cinfer,cinfer_async,hf_padded --out "$OUT" ;;
     *)
         echo "usage: bash benchmarks/gpu_session.sh tests|bench" >&2
         exit 2 ;;

@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default: %(default)s)")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: sized from device memory)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="launch each decode step before reading the previous step's tokens")
     p.add_argument("--inner-backend", default="inductor", choices=["inductor", "eager"],
                    help="compiler for the rewritten graph (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="weights of the built-in model, prompts, sampling")
@@ -83,7 +85,7 @@ def main(argv=None) -> None:
     engine = cinfer_runtime.compile(model, tokenizer=tokenizer, block_size=args.block_size,
                                     num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
                                     enforce_eager=args.enforce_eager, inner_backend=args.inner_backend,
-                                    seed=args.seed)
+                                    seed=args.seed, async_scheduling=args.async_scheduling)
     print(f"compiled in {time.perf_counter() - start:.1f} s on {args.device} ({str(dtype).removeprefix('torch.')})")
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -28,6 +28,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     seed: int = 0                      # draws the per-request seeds of requests whose SamplingParams have none
     inner_backend: str = "inductor"    # what compiles the rewritten graph (graph_passes.compile_model)
+    async_scheduling: bool = False     # launch the next decode step before reading this one's tokens (engine.py)
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str):
@@ -40,6 +41,8 @@ class EngineConfig:
             fail("num_kv_blocks", "must be a positive int or None (size from device memory)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             fail("gpu_memory_utilization", "must be in (0, 1]")
+        if not isinstance(self.async_scheduling, bool):
+            fail("async_scheduling", "must be a bool")
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             fail("max_num_seqs", "must be a positive int")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):

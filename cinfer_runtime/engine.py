@@ -3,6 +3,15 @@
 ``Engine.step()`` is the whole loop: ``Scheduler.schedule()`` -> ``ModelRunner.execute()`` -> ``Scheduler.update()``.
 Everything a request can get wrong (prompt, token ids, length, sampling parameters) is checked when it is
 submitted, before it touches the scheduler, so a bad request never disturbs the others.
+
+Async scheduling (``compile(..., async_scheduling=True)``, off by default): a step is launched on the device and
+left in flight; the next ``step()`` first launches its successor when the scheduler can tell it without the
+in-flight tokens (``Scheduler.schedule_continuation``: the steady decode state), then reads the in-flight tokens and
+updates the scheduler, so the device never waits for the host between decode steps. Anything else (new or
+preempted requests to prefill, a partly prefilled prompt, no blocks without preempting, a repetition penalty)
+reads the in-flight tokens first and schedules as usual. Each ``step()`` thus returns the tokens of the step the
+previous call launched (the first call launches and returns nothing); tokens, finish reasons and their order
+per request are those of the synchronous engine.
 """
 import logging
 import numbers
@@ -18,11 +27,11 @@ import graph_passes
 from cinfer_runtime.block_manager import BlockManager
 from cinfer_runtime.config import EngineConfig, cdiv
 from cinfer_runtime.kv_cache import KVCacheSpec, allocate_kv_caches, num_kv_blocks_for
-from cinfer_runtime.model_runner import ModelRunner
+from cinfer_runtime.model_runner import InFlightStep, ModelRunner
 from cinfer_runtime.outputs import RequestOutput
 from cinfer_runtime.sampler import Sampler
 from cinfer_runtime.sampling_params import SamplingParams
-from cinfer_runtime.scheduler import Scheduler
+from cinfer_runtime.scheduler import Scheduler, SchedulerOutput
 from cinfer_runtime.sequence import Sequence
 
 logger = logging.getLogger("cinfer")
@@ -31,7 +40,7 @@ logger = logging.getLogger("cinfer")
 def compile(model: torch.nn.Module, *, tokenizer=None, block_size: int = 16, num_kv_blocks: int | None = None,
             gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
             max_model_len: int | None = None, enforce_eager: bool = False, enable_chunked_prefill: bool = True,
-            seed: int = 0, inner_backend: str = "inductor") -> "Engine":
+            seed: int = 0, inner_backend: str = "inductor", async_scheduling: bool = False) -> "Engine":
     """Compile an unmodified HF causal LM (e.g. ``LlamaForCausalLM``) into a batched-generation engine.
 
     Allocates the paged KV cache (``num_kv_blocks`` blocks of ``block_size`` tokens; sized from free device memory
@@ -39,12 +48,13 @@ def compile(model: torch.nn.Module, *, tokenizer=None, block_size: int = 16, num
     rewrite raises ``graph_passes.GraphRewriteError`` here) and, on a GPU unless ``enforce_eager``, captures the
     decode CUDA graphs. ``inner_backend`` is what compiles the rewritten graph (``"inductor"``, or ``"eager"`` for
     a fast compile). ``seed`` draws the seeds of requests whose ``SamplingParams.seed`` is None.
+    ``async_scheduling`` overlaps consecutive decode steps (see the module docstring); outputs are unchanged.
     """
     config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
                           gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                           enforce_eager=enforce_eager, enable_chunked_prefill=enable_chunked_prefill, seed=seed,
-                          inner_backend=inner_backend)
+                          inner_backend=inner_backend, async_scheduling=async_scheduling)
     return Engine(model, config, tokenizer=tokenizer)
 
 
@@ -77,6 +87,8 @@ class Engine:
         self._next_seq_id = 0
         self._requests: dict[str, Sequence] = {}     # unfinished requests by id
         self._undelivered: list[RequestOutput] = []  # outputs of requests stepped by generate()/stream() for others
+        self._in_flight: InFlightStep | None = None  # async scheduling: the launched step whose tokens are unread
+        self.num_overlapped_steps = 0                # async scheduling: steps launched before their inputs were read
 
     # ----------------------------------------------------------------------------------------------- requests
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
@@ -96,7 +108,8 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns an output (cumulative tokens) for every request that got a token,
-        plus any that advanced during an earlier ``generate``/``stream`` call they were not part of."""
+        plus any that advanced during an earlier ``generate``/``stream`` call they were not part of. With async
+        scheduling the tokens are those of the step launched by the previous call."""
         outputs, self._undelivered = self._undelivered, []
         outputs += [self._output(seq) for seq in self._step()]
         return outputs
@@ -166,10 +179,37 @@ class Engine:
 
     # --------------------------------------------------------------------------------------------- internals
     def _step(self) -> list[Sequence]:
+        if self.config.async_scheduling:
+            return self._step_overlapped()
         out = self.scheduler.schedule()
         if not out.seqs:
             return []
         sampled = self.runner.execute(out)
+        return self._update(out, sampled)
+
+    def _step_overlapped(self) -> list[Sequence]:
+        """Async scheduling: launch the next step, then apply the one in flight; returns the requests that
+        advanced in it. At most one step is left in flight."""
+        prev, self._in_flight = self._in_flight, None
+        if prev is None:
+            advanced = []
+        else:
+            next_out = self.scheduler.schedule_continuation(prev.out)
+            if next_out is not None:  # launched before prev's tokens reach the host
+                self._in_flight = self.runner.launch(next_out, prev)
+                self.num_overlapped_steps += 1
+            advanced = self._update(prev.out, prev.token_ids())
+            if self._in_flight is not None and all(s.is_finished for s in self._in_flight.out.seqs):
+                # Every request of the launched step stopped in prev: nothing left to wait for but its tokens.
+                dead, self._in_flight = self._in_flight, None
+                self._update(dead.out, dead.token_ids())
+        if self._in_flight is None:
+            out = self.scheduler.schedule()
+            if out.seqs:
+                self._in_flight = self.runner.launch(out)
+        return advanced
+
+    def _update(self, out: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
         advanced = self.scheduler.update(out, sampled)
         for seq in advanced:
             if seq.is_finished:

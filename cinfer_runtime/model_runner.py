@@ -4,6 +4,13 @@ The step's tokens are flattened into one row ``[1, num_tokens]``; their position
 buffers allocated once (static addresses, which CUDA graphs need). On a GPU each buffer has a pinned host twin:
 the step is assembled there with numpy, then copied with non-blocking copies, so the only host/device
 synchronisation of a step is reading the sampled tokens back.
+
+``execute`` runs a step and returns its tokens. ``launch`` (async scheduling) returns an ``InFlightStep`` instead,
+without waiting: the tokens are copied to pinned host memory behind a CUDA event and read by
+``InFlightStep.token_ids()``. Meanwhile the next step may be launched; its input tokens are then gathered on the
+device from the in-flight step's sampled tokens. Launched steps are assembled in two host buffer sets, used in
+turn (``HostStaging``): a set is refilled only once its previous step's tokens were read, which is after the
+device finished reading the set's inputs.
 """
 from dataclasses import dataclass
 from itertools import chain
@@ -57,6 +64,44 @@ class StepBuffers:
         return self.input_ids[:num_tokens].unsqueeze(0), self.positions[:num_tokens].unsqueeze(0), meta
 
 
+@dataclass
+class HostStaging:
+    """A host buffer set a launched step is assembled in (pinned on a GPU), and where its sampled tokens arrive."""
+    buffers: StepBuffers
+    arrays: dict[str, np.ndarray]        # numpy views of ``buffers``
+    sampled_token_ids: Tensor            # int64 [max_batch]
+    done: torch.cuda.Event | None        # recorded after the step's last copy from or to this set; None on CPU
+    in_use: bool = False                 # a launched step's tokens have not been read yet
+
+    @classmethod
+    def allocate(cls, max_num_tokens: int, max_batch: int, max_blocks_per_seq: int, on_gpu: bool) -> "HostStaging":
+        buffers = StepBuffers.allocate(max_num_tokens, max_batch, max_blocks_per_seq, torch.device("cpu"),
+                                       pin_memory=on_gpu)
+        return cls(buffers, _numpy_views(buffers), torch.zeros(max_batch, dtype=torch.int64, pin_memory=on_gpu),
+                   torch.cuda.Event() if on_gpu else None)
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose sampled tokens the host has not read yet."""
+    out: SchedulerOutput
+    sampled_token_ids: Tensor   # int64 [number of requests that sample] on the device, in ``out.seqs`` order
+    staging: HostStaging        # holds the step's inputs and receives its tokens
+
+    def token_ids(self) -> list[int]:
+        """Wait for the step and return its sampled tokens (one per request with ``out.samples[i]``, in order)."""
+        staging = self.staging
+        if staging.done is not None:
+            staging.done.synchronize()
+        tokens = staging.sampled_token_ids[:self.sampled_token_ids.shape[0]].tolist()
+        staging.in_use = False
+        return tokens
+
+
+def _numpy_views(buffers: StepBuffers) -> dict[str, np.ndarray]:
+    return {name: getattr(buffers, name).numpy() for name in StepBuffers.__dataclass_fields__}
+
+
 class ModelRunner:
     def __init__(self, paged_model, config: EngineConfig, device: torch.device, sampler: Sampler):
         """paged_model: ``graph_passes.PagedModel``, ``(input_ids [1, N], positions [1, N], meta) -> logits
@@ -74,10 +119,14 @@ class ModelRunner:
         on_gpu = device.type == "cuda"
         self.host = StepBuffers.allocate(max_num_tokens, max_batch, config.max_blocks_per_seq, torch.device("cpu"),
                                          pin_memory=on_gpu)
-        # On CPU the model reads the host buffers directly: nothing to copy.
+        # On CPU the model reads the host buffers directly: nothing to copy. Launched steps alternate between two
+        # host sets, so then the model reads a set of its own, on CPU too (the same code path as on a GPU).
         self.dev = (StepBuffers.allocate(max_num_tokens, max_batch, config.max_blocks_per_seq, device)
-                    if on_gpu else self.host)
-        self._np = {name: getattr(self.host, name).numpy() for name in StepBuffers.__dataclass_fields__}
+                    if on_gpu or config.async_scheduling else self.host)
+        self._np = _numpy_views(self.host)
+        self._staging = ([HostStaging.allocate(max_num_tokens, max_batch, config.max_blocks_per_seq, on_gpu)
+                          for _ in range(2)] if config.async_scheduling else [])
+        self._num_launched = 0
         if use_graphs:
             self.graphs = DecodeGraphs(buckets)
 
@@ -117,33 +166,99 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, out: SchedulerOutput) -> list[int]:
         """Run one step; returns the sampled token of each request with ``out.samples[i]``, in order."""
+        assert not out.input_tokens_in_flight, "a step continuing an in-flight one must be launched"
         num_tokens, batch = self._prepare(out)
+        bucket = self._copy_inputs(out, num_tokens, batch, self.host, self._np)
+        logits = self._run_model(num_tokens, batch, bucket)
+        return self._sample(out, logits, batch).tolist()
+
+    @torch.no_grad()
+    def launch(self, out: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
+        """Start one step on the device and return without waiting for its tokens. ``prev``: the step still in
+        flight, which ``out`` (from ``Scheduler.schedule_continuation``) continues: each request's input token
+        is the one ``prev`` is sampling for it, copied on the device. Its sampled tokens go to pinned host memory
+        behind an event; ``InFlightStep.token_ids()`` waits for them."""
+        assert out.input_tokens_in_flight == (prev is not None)
+        staging = self._staging[self._num_launched % 2]
+        # Two sets suffice because at most one step is in flight and its tokens are read before the step after
+        # next is launched. The event makes that safe even if it were not: the host must not refill pinned
+        # buffers that a queued copy still reads (inputs) or writes (tokens).
+        assert not staging.in_use, "a host buffer set was refilled before its step's tokens were read"
+        if staging.done is not None:
+            staging.done.synchronize()
+        self._num_launched += 1
+        num_tokens, batch = self._prepare(out, staging.arrays)
+        bucket = self._copy_inputs(out, num_tokens, batch, staging.buffers, staging.arrays)
+        if prev is not None:
+            self._copy_in_flight_tokens(out, prev)
+        logits = self._run_model(num_tokens, batch, bucket)
+        sampled = self._sample(out, logits, batch)
+        staging.sampled_token_ids[:sampled.shape[0]].copy_(sampled, non_blocking=True)
+        if staging.done is not None:
+            staging.done.record()
+        staging.in_use = True
+        return InFlightStep(out, sampled, staging)
+
+    def _copy_in_flight_tokens(self, out: SchedulerOutput, prev: InFlightStep) -> None:
+        """Input token of each request of ``out`` := the token ``prev`` sampled for it, on the device (queued
+        after the host-to-device copies of ``out``'s inputs, which carry placeholders there)."""
+        batch = len(out.seqs)
+        sampling = [s for s, samples in zip(prev.out.seqs, prev.out.samples) if samples]
+        if sampling[:batch] == out.seqs:  # the steady state: nobody left between the two steps
+            self.dev.input_ids[:batch].copy_(prev.sampled_token_ids[:batch])
+            return
+        row_of = {seq: i for i, seq in enumerate(sampling)}
+        index = torch.tensor([row_of[s] for s in out.seqs], dtype=torch.int64)
+        if self.device.type == "cuda":
+            # The caching host allocator keeps a pinned tensor alive until the copy queued from it has run.
+            index = index.pin_memory()
+        index = index.to(self.device, non_blocking=True)
+        self.dev.input_ids[:batch].copy_(prev.sampled_token_ids[index])
+
+    def _copy_inputs(self, out: SchedulerOutput, num_tokens: int, batch: int, host: StepBuffers,
+                     arrays: dict[str, np.ndarray]) -> int | None:
+        """Copy the step's inputs from ``host`` (whose numpy views are ``arrays``) to the device buffers, padded to
+        the decode graph's bucket when one will replay; returns that bucket, or None for an eager step."""
         if self.graphs is not None and out.is_decode:
             bucket = self.graphs.bucket_for(batch)
-            self._pad(num_tokens, batch, bucket, bucket)
-            self.dev.copy_(self.host, bucket, bucket)
-            logits = self.graphs.replay(bucket)
-        else:  # PagedModel itself pads dims of size 1 (Dynamo's 0/1 specialisation): no padding needed here
-            if self.dev is not self.host:
-                self.dev.copy_(self.host, num_tokens, batch)
-            logits = self.model(*self.dev.model_inputs(num_tokens, batch))
-        rows = [SamplingRow(s.params, s.seed, s.num_output_tokens, s.token_ids)
+            self._pad(num_tokens, batch, bucket, bucket, arrays)
+            self.dev.copy_(host, bucket, bucket)
+            return bucket
+        # PagedModel itself pads dims of size 1 (Dynamo's 0/1 specialisation): no padding needed here
+        if self.dev is not host:
+            self.dev.copy_(host, num_tokens, batch)
+        return None
+
+    def _run_model(self, num_tokens: int, batch: int, bucket: int | None) -> Tensor:
+        """Logits ``[>= batch, vocab]`` of the step in the device buffers: the bucket's graph, or the model."""
+        if bucket is not None:
+            return self.graphs.replay(bucket)
+        return self.model(*self.dev.model_inputs(num_tokens, batch))
+
+    def _sample(self, out: SchedulerOutput, logits: Tensor, batch: int) -> Tensor:
+        """int64 [number of requests that sample] on the device, without synchronising with the host."""
+        # Seeded draws use (seed, tokens generated so far), which counts the in-flight token if there is one.
+        in_flight = int(out.input_tokens_in_flight)
+        rows = [SamplingRow(s.params, s.seed, s.num_output_tokens + in_flight, s.token_ids)
                 for s, samples in zip(out.seqs, out.samples) if samples]
         if not rows:
-            return []
+            return torch.empty(0, dtype=torch.int64, device=logits.device)
         if len(rows) == batch:
             logits = logits[:batch]
         else:  # mid-prompt chunks have logits too, but nothing to sample
             index = [i for i, samples in enumerate(out.samples) if samples]
             logits = logits[torch.tensor(index, dtype=torch.int64).to(logits.device, non_blocking=True)]
-        return self.sampler(logits, rows).tolist()
+        return self.sampler(logits, rows)
 
-    def _prepare(self, out: SchedulerOutput) -> tuple[int, int]:
-        """Fill the host buffers' live prefixes for ``out``; returns (num_tokens, batch)."""
-        a = self._np
+    def _prepare(self, out: SchedulerOutput, arrays: dict[str, np.ndarray] | None = None) -> tuple[int, int]:
+        """Fill the live prefixes of the host buffers (``arrays``: numpy views; default ``self.host``'s) for
+        ``out``; returns (num_tokens, batch). With ``out.input_tokens_in_flight`` the input tokens are
+        placeholders (zeros) and each request's position is that of the token in flight, ``num_tokens``."""
+        a = self._np if arrays is None else arrays
         batch = len(out.seqs)
         block_size = self.config.block_size
-        starts = np.fromiter((s.num_computed_tokens for s in out.seqs), dtype=np.int64, count=batch)
+        starts = np.fromiter((s.num_tokens if out.input_tokens_in_flight else s.num_computed_tokens
+                              for s in out.seqs), dtype=np.int64, count=batch)
         qsl = a["query_start_loc"]
         qsl[0] = 0
         np.cumsum(out.num_new_tokens, out=qsl[1:batch + 1])
@@ -151,7 +266,11 @@ class ModelRunner:
         a["seq_lens"][:batch] = starts + out.num_new_tokens
         a["logits_indices"][:batch] = qsl[1:batch + 1] - 1
         ids, pos = a["input_ids"][:num_tokens], a["positions"][:num_tokens]
-        if num_tokens == batch:  # one token per request (decode, or 1-token prompt chunks)
+        if out.input_tokens_in_flight:  # one token per request, known only on the device
+            ids[:] = 0
+            pos[:] = starts
+            seq_of_token = np.arange(batch)
+        elif num_tokens == batch:  # one token per request (decode, or 1-token prompt chunks)
             ids[:] = [s.token_ids[start] for s, start in zip(out.seqs, starts.tolist())]
             pos[:] = starts
             seq_of_token = np.arange(batch)
@@ -168,9 +287,10 @@ class ModelRunner:
         np.add(block_of_token * block_size, pos % block_size, out=a["slot_mapping"][:num_tokens])
         return num_tokens, batch
 
-    def _pad(self, num_tokens: int, batch: int, padded_tokens: int, padded_batch: int) -> None:
+    def _pad(self, num_tokens: int, batch: int, padded_tokens: int, padded_batch: int,
+             arrays: dict[str, np.ndarray] | None = None) -> None:
         """Padding tokens write nowhere (slot -1); padding sequences have no new tokens and no context."""
-        a = self._np
+        a = self._np if arrays is None else arrays
         a["input_ids"][num_tokens:padded_tokens] = 0
         a["positions"][num_tokens:padded_tokens] = 0
         a["slot_mapping"][num_tokens:padded_tokens] = -1

@@ -16,6 +16,12 @@ cache) always progresses: no starvation. A preempted request recomputes prompt +
 sampled tokens depend only on its tokens and (seed, step), so its output is unchanged.
 
 ``update()`` takes the step's sampled tokens, appends them, applies the stop conditions and frees finished requests.
+
+Async scheduling (``EngineConfig.async_scheduling``): ``schedule_continuation(in_flight)`` builds the next step while
+``in_flight``'s sampled tokens are still on the device, for the steady decode state only (nothing waiting, every
+running request sampled in ``in_flight``, no preemption needed). It equals what ``schedule()`` would return after
+``update(in_flight)``, except that a request which stops on a stop token in ``in_flight`` is still in it: that is
+not known yet. ``update`` drops the token of a request that finished while its step was in flight.
 """
 from collections import deque
 from dataclasses import dataclass
@@ -34,6 +40,9 @@ class SchedulerOutput:
     block_tables: list[list[int]]   # the block manager's live tables (read-only for the runner)
     samples: list[bool]             # the chunk reaches the end of the request's tokens: sample the next one
     preempted: list[Sequence]       # requests preempted while scheduling this step
+    # Async scheduling: each request's one new token is the one the previous step (still on the device) is
+    # sampling for it, so it is not in ``token_ids`` yet; the runner takes it from the device.
+    input_tokens_in_flight: bool = False
 
     @property
     def num_batched_tokens(self) -> int:
@@ -101,6 +110,37 @@ class Scheduler:
             take(seq, n)
         return out
 
+    def schedule_continuation(self, in_flight: SchedulerOutput) -> SchedulerOutput | None:
+        """The next step while ``in_flight`` (scheduled, not yet ``update``d) runs on the device: every running
+        request decodes the token ``in_flight`` is sampling for it. None unless that is surely the step
+        ``schedule()`` would pick after ``update(in_flight)``; the caller then updates first and calls it.
+
+        That holds when nothing waits (no admission), ``in_flight`` holds exactly the running requests and each
+        samples in it (so each next has one uncomputed token), one token each fits the budget, and the blocks for
+        all exist (no preemption). Requests whose ``in_flight`` token surely ends them by length are left out;
+        one that stops on a stop token is included (not known yet) and ``update`` drops its token. No request
+        may have a repetition penalty: the sampler needs its full token history, which lags one token here.
+        """
+        if self.waiting or not all(in_flight.samples):
+            return None
+        if [s for s in in_flight.seqs if not s.is_finished] != self.running:
+            return None
+        max_model_len = self.config.max_model_len
+        # After in_flight's update each request has one more output token and num_tokens + 1 tokens.
+        seqs = [s for s in self.running
+                if s.num_output_tokens + 1 < s.params.max_tokens and s.num_tokens + 1 < max_model_len]
+        if not seqs or len(seqs) > self.config.max_num_batched_tokens:
+            return None
+        if any(s.params.repetition_penalty != 1.0 for s in seqs):
+            return None
+        bm = self.block_manager
+        # The new token sits at position num_tokens (the in-flight token is not appended yet).
+        if sum(bm.num_new_blocks(s.seq_id, s.num_tokens + 1) for s in seqs) > bm.num_free_blocks:
+            return None
+        return SchedulerOutput(seqs=seqs, num_new_tokens=[1] * len(seqs),
+                               block_tables=[bm.grow(s.seq_id, s.num_tokens + 1) for s in seqs],
+                               samples=[True] * len(seqs), preempted=[], input_tokens_in_flight=True)
+
     def _preempt(self, seq: Sequence) -> Sequence:
         self.block_manager.free(seq.seq_id)
         seq.num_computed_tokens = 0
@@ -113,16 +153,22 @@ class Scheduler:
 
     def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
         """Advance the step's requests. ``sampled_token_ids``: one token per request with ``samples[i]``, in
-        order. Returns the requests that got a token (finished ones have ``finish_reason`` set, blocks freed)."""
+        order. Returns the requests that got a token (finished ones have ``finish_reason`` set, blocks freed).
+
+        A request already finished is skipped and its token dropped: with async scheduling a step is scheduled
+        before the previous one's tokens are known, so it may hold a request that stopped in that previous step,
+        or one aborted meanwhile."""
         max_model_len = self.config.max_model_len
         sampled = iter(sampled_token_ids)
         advanced = []
         any_finished = False
         for seq, n, samples in zip(out.seqs, out.num_new_tokens, out.samples):
+            token = next(sampled) if samples else None
+            if seq.is_finished:
+                continue
             seq.num_computed_tokens += n
             if not samples:
                 continue
-            token = next(sampled)
             seq.token_ids.append(token)
             advanced.append(seq)
             if token in seq.stop_token_ids:
