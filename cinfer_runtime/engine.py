@@ -17,6 +17,7 @@ import logging
 import numbers
 import random
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence as SequenceABC
 from dataclasses import replace
 
@@ -86,7 +87,10 @@ class Engine:
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
         self._requests: dict[str, Sequence] = {}     # unfinished requests by id
-        self._undelivered: list[RequestOutput] = []  # outputs of requests stepped by generate()/stream() for others
+        # Outputs go to the request's owner, whoever stepped the engine: a suspended stream() keeps its own queue;
+        # add_request() requests get theirs from the next step().
+        self._undelivered: list[RequestOutput] = []
+        self._stream_queues: dict[str, deque[RequestOutput]] = {}
         self._in_flight: InFlightStep | None = None  # async scheduling: the launched step whose tokens are unread
         self.num_overlapped_steps = 0                # async scheduling: steps launched before their inputs were read
 
@@ -99,7 +103,8 @@ class Engine:
         return seq.request_id
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a request is unfinished or an output is still waiting for ``step()`` to return it."""
+        return self.scheduler.has_unfinished() or bool(self._undelivered)
 
     def abort_request(self, request_id: str) -> None:
         seq = self._requests.pop(request_id, None)
@@ -108,10 +113,12 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns an output (cumulative tokens) for every request that got a token,
-        plus any that advanced during an earlier ``generate``/``stream`` call they were not part of. With async
-        scheduling the tokens are those of the step launched by the previous call."""
+        plus any that advanced during an earlier ``generate``/``stream`` call they were not part of. Requests of
+        an open ``stream()`` are left to it. With async scheduling the tokens are those of the step launched by
+        the previous call."""
+        for seq in self._step():
+            self._deliver(seq)
         outputs, self._undelivered = self._undelivered, []
-        outputs += [self._output(seq) for seq in self._step()]
         return outputs
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -145,7 +152,7 @@ class Engine:
                 for seq in advanced:
                     index = mine.get(seq.request_id)
                     if index is None:
-                        self._undelivered.append(self._output(seq))
+                        self._deliver(seq)
                     elif seq.is_finished:
                         results[index] = self._output(seq)
                         bar.update(1)
@@ -163,19 +170,32 @@ class Engine:
         each time it gets a token, the last one finished. Closing the iterator early aborts the request."""
         seq = self._make_sequence(prompt, params)
         self._submit([seq])
-        return self._stream(seq)
+        self._stream_queues[seq.request_id] = deque()
+        return _RequestStream(self, seq)
 
     def _stream(self, seq: Sequence) -> Iterator[RequestOutput]:
+        queue = self._stream_queues[seq.request_id]
         try:
-            while not seq.is_finished:
-                for other in self._step():
-                    if other is seq:
-                        yield self._output(seq)
-                    else:
-                        self._undelivered.append(self._output(other))
+            while True:
+                while queue:  # a whole step is routed before anything is yielded: closing here loses nothing
+                    yield queue.popleft()
+                if seq.is_finished:
+                    return
+                for advanced in self._step():
+                    self._deliver(advanced)
         finally:
-            if not seq.is_finished:
-                self.abort_request(seq.request_id)
+            self._close_stream(seq)
+
+    def _close_stream(self, seq: Sequence) -> None:
+        """The stream of ``seq`` is done or closed (idempotent): stop routing to it, abort it if unfinished."""
+        self._stream_queues.pop(seq.request_id, None)
+        if not seq.is_finished:
+            self.abort_request(seq.request_id)
+
+    def _deliver(self, seq: Sequence) -> None:
+        """Hand an output of a request the current caller does not own to its owner."""
+        queue = self._stream_queues.get(seq.request_id)
+        (queue.append if queue is not None else self._undelivered.append)(self._output(seq))
 
     # --------------------------------------------------------------------------------------------- internals
     def _step(self) -> list[Sequence]:
@@ -287,3 +307,28 @@ def _eos_token_ids(model: torch.nn.Module) -> frozenset[int]:
     if eos is None:
         return frozenset()
     return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+class _RequestStream:
+    """The iterator ``Engine.stream`` returns. A plain generator's ``finally`` never runs when it is closed or dropped
+    before its first ``next()``; this wrapper aborts the request in that case too."""
+
+    def __init__(self, engine: Engine, seq: Sequence):
+        self._engine, self._seq = engine, seq
+        self._outputs = engine._stream(seq)
+
+    def __iter__(self) -> "_RequestStream":
+        return self
+
+    def __next__(self) -> RequestOutput:
+        return next(self._outputs)
+
+    def close(self) -> None:
+        self._outputs.close()
+        self._engine._close_stream(self._seq)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to abort
+            pass
