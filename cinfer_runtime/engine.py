@@ -62,7 +62,14 @@ def compile(model: torch.nn.Module, *, tokenizer=None, block_size: int = 16, num
 class Engine:
     def __init__(self, model: torch.nn.Module, config: EngineConfig, tokenizer=None):
         text_config = model.config.get_text_config()
-        config = config.resolve(text_config.max_position_embeddings)
+        model_max_len = text_config.max_position_embeddings
+        window = graph_passes.attention_window(text_config)
+        if window is not None and window < model_max_len:
+            # Within the window, sliding-window attention is full causal attention, which is what the op computes.
+            logger.warning("%s attends over a sliding window of %d tokens: max_model_len is capped there",
+                           type(model).__name__, window)
+            model_max_len = window
+        config = config.resolve(model_max_len)
         self.device = next(model.parameters()).device
         if config.num_kv_blocks is None:
             config = replace(config, num_kv_blocks=num_kv_blocks_for(model, config, self.device))

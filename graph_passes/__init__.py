@@ -10,10 +10,10 @@
 from graph_passes.attention_metadata import AttentionMetadata
 from graph_passes.backend import cinfer_backend, register as _register_backend
 from graph_passes.errors import GraphRewriteError
-from graph_passes.paged_model import PagedModel, compile_model
+from graph_passes.paged_model import PagedModel, attention_window, compile_model
 from graph_passes.pass_manager import PASS_ORDER, run_passes
 
 _register_backend()
 
-__all__ = ["AttentionMetadata", "GraphRewriteError", "PagedModel", "PASS_ORDER", "cinfer_backend", "compile_model",
-           "run_passes"]
+__all__ = ["AttentionMetadata", "GraphRewriteError", "PagedModel", "PASS_ORDER", "attention_window", "cinfer_backend",
+           "compile_model", "run_passes"]

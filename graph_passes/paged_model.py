@@ -175,15 +175,25 @@ class PagedModel:
         return logits[:batch] if logits.shape[0] != batch else logits
 
 
-def _warn_sliding_window(config) -> None:
+def attention_window(config) -> int | None:
+    """The sliding-window size of an HF text config whose attention uses one (Mistral v0.1, Qwen2 with
+    ``use_sliding_window``), else None. The paged attention op is full causal, so contexts must stay within it."""
     layer_types = getattr(config, "layer_types", None) or []
     window = getattr(config, "sliding_window", None)
+    if window is None or not getattr(config, "use_sliding_window", True):
+        return None
+    if layer_types and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
+def _warn_sliding_window(config) -> None:
+    window = attention_window(config)
     max_len = getattr(config, "max_position_embeddings", None)
-    if "sliding_attention" in layer_types or (window is not None and max_len is not None and window < max_len
-                                              and getattr(config, "use_sliding_window", True)):
+    if window is not None and max_len is not None and window < max_len:
         logger.warning("%s has sliding-window attention (window %s); cinfer's paged attention is full causal, "
-                       "so results match HF only for contexts of at most %s tokens", config.model_type, window,
-                       window)
+                       "so results match HF only for contexts of at most %s tokens (cinfer_runtime.compile caps "
+                       "max_model_len there)", config.model_type, window, window)
 
 
 def compile_model(model: torch.nn.Module, k_caches: list[Tensor], v_caches: list[Tensor], *,

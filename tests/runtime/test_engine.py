@@ -260,3 +260,22 @@ def test_demo_runs_and_documents_its_options(capsys):
     main(["--num-prompts", "6", "--max-tokens", "8", "--inner-backend", "eager"])
     printed = capsys.readouterr().out
     assert "6 requests, 48 tokens" in printed and "tokens/s" in printed
+
+
+def test_sliding_window_model_is_capped_to_its_window():
+    # The paged op is full causal: for a sliding-window model (Mistral v0.1-style) that equals HF's attention only
+    # while a context fits the window, so the engine caps max_model_len there and rejects longer prompts.
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=16)).eval()
+    engine = cinfer_runtime.compile(model, block_size=BLOCK_SIZE, num_kv_blocks=16, max_num_seqs=2,
+                                    inner_backend="eager")
+    assert engine.config.max_model_len == 16
+    prompt = make_prompts(256, lens=[6])[0]
+    out = engine.generate([prompt], greedy(10, ignore_eos=True), use_tqdm=False)[0]
+    assert out.token_ids == hf_greedy(model, prompt, 10, ignore_eos=True)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.generate([make_prompts(256, lens=[20])[0]], greedy(2), use_tqdm=False)
