@@ -1,6 +1,7 @@
 """Tiny models, HF references and comparison helpers shared by the runtime's engine tests."""
 import copy
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,3 +55,20 @@ def assert_same_or_tie(model, prompt: list[int], expected: list[int], actual: li
     assert gap <= margin(best), (
         f"diverged from HF at generated token {first} ({actual[first]} vs HF's {expected[first]}), whose logits "
         f"HF puts {gap:.4g} apart: not a tie")
+
+
+# The CPU engine tests' shared float32 model, prompts and HF references (one per test module).
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    return make_prompts(model.config.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+    """HF greedy continuations, computed before any engine touches the model."""
+    return [hf_greedy(model, p, m) for p, m in zip(prompts, MAX_TOKENS)]

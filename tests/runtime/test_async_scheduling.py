@@ -30,21 +30,6 @@ BLOCK_SIZE = 8
 EOS = 2  # LlamaConfig's default eos_token_id
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def prompts(model):
-    return make_prompts(model.config.vocab_size)
-
-
-@pytest.fixture(scope="module")
-def reference(model, prompts):
-    return [hf_greedy(model, p, m) for p, m in zip(prompts, MAX_TOKENS)]
-
-
 def engine_pair(model, **kw) -> dict[bool, "cinfer_runtime.Engine"]:
     """The same engine with async scheduling off (False) and on (True)."""
     return {a: cinfer_runtime.compile(model, block_size=BLOCK_SIZE, inner_backend="eager", async_scheduling=a, **kw)

@@ -14,22 +14,6 @@ BLOCK_SIZE = 8
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def prompts(model):
-    return make_prompts(model.config.vocab_size)
-
-
-@pytest.fixture(scope="module")
-def reference(model, prompts):
-    """HF greedy continuations, computed before any engine touches the model."""
-    return [hf_greedy(model, p, m) for p, m in zip(prompts, MAX_TOKENS)]
-
-
-@pytest.fixture(scope="module")
 def engine(model, reference):
     # Budget 32 < the longest prompt (40): prompts are prefilled in chunks, next to other requests' decodes.
     return cinfer_runtime.compile(model, block_size=BLOCK_SIZE, num_kv_blocks=64, max_num_seqs=8,
