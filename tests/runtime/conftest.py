@@ -5,6 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ..tolerances import LOGITS
+
 # Mixed prompt lengths (1 token .. several blocks) and max_tokens (1 .. longer than most prompts).
 PROMPT_LENS = [1, 3, 7, 12, 17, 25, 33, 40]
 MAX_TOKENS = [1, 5, 16, 9, 24, 3, 12, 20]
@@ -17,6 +19,22 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = 
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     kwargs.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**kwargs)).to(device=device, dtype=dtype).eval()
+
+
+GPU_DTYPE = torch.bfloat16
+
+
+def gpu_tiny_llama():
+    """The GPU engine tests' bf16 model: head_dim 64 and 4 layers, the shapes the Triton kernels specialise on,
+    still seconds to compile."""
+    return tiny_llama(dtype=GPU_DTYPE, device="cuda", vocab_size=1024, hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def gpu_margin(best_logit: float) -> float:
+    """How far apart two bf16 logits may be and still count as a tie (for ``assert_same_or_tie``)."""
+    atol, rtol = LOGITS[GPU_DTYPE]
+    return atol + rtol * abs(best_logit)
 
 
 def make_prompts(vocab_size: int, lens=PROMPT_LENS, seed: int = 0) -> list[list[int]]:

@@ -23,8 +23,8 @@ from cinfer_runtime.sampler import Sampler
 from cinfer_runtime.scheduler import Scheduler
 from cinfer_runtime.sequence import Sequence
 
-from ..tolerances import LOGITS
-from .conftest import MAX_TOKENS, PROMPT_LENS, assert_same_or_tie, hf_greedy, make_prompts, tiny_llama
+from .conftest import (MAX_TOKENS, PROMPT_LENS, assert_same_or_tie, gpu_margin, gpu_tiny_llama, hf_greedy,
+                       make_prompts)
 
 BLOCK_SIZE = 8
 EOS = 2  # LlamaConfig's default eos_token_id
@@ -357,18 +357,9 @@ def test_runner_takes_continuation_tokens_from_the_device():
 
 
 # ------------------------------------------------------------------------------------------------ GPU (bf16)
-GPU_DTYPE = torch.bfloat16
-
-
-def gpu_margin(best_logit: float) -> float:
-    atol, rtol = LOGITS[GPU_DTYPE]
-    return atol + rtol * abs(best_logit)
-
-
 @pytest.fixture(scope="module")
 def gpu_model():
-    return tiny_llama(dtype=GPU_DTYPE, device="cuda", vocab_size=1024, hidden_size=256, intermediate_size=512,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return gpu_tiny_llama()
 
 
 @pytest.fixture(scope="module")
