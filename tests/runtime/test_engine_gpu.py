@@ -61,11 +61,16 @@ def test_cuda_graphs_and_eager_agree_on_seeded_sampling(model, prompts):
 
 
 def test_cache_sized_from_device_memory(model):
+    # Earlier tests of this process may still hold device memory (compiled graphs keep their caches alive), so
+    # ask for a share a few GiB above what is in use now, and check the cache stays inside it.
     free_before, total = torch.cuda.mem_get_info()
-    engine = cinfer_runtime.compile(model, max_num_seqs=8, gpu_memory_utilization=0.5)
+    used_before = total - free_before
+    utilization = min(0.95, (used_before + (4 << 30)) / total)
+    engine = cinfer_runtime.compile(model, max_num_seqs=8, gpu_memory_utilization=utilization)
     kv_bytes = sum(c.numel() * c.element_size() for c in engine.k_caches + engine.v_caches)
     assert engine.config.num_kv_blocks * engine.config.block_size >= engine.config.max_model_len
-    assert kv_bytes <= 0.5 * total, "the cache must respect gpu_memory_utilization"
+    assert kv_bytes <= utilization * total - used_before, "the cache must respect gpu_memory_utilization"
+    assert kv_bytes >= 1 << 30, "most of the 4 GiB headroom should go to the cache"
     out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)[0]
     assert out.token_ids == hf_greedy(model, [5, 6, 7], 4)[:len(out.token_ids)]
     del engine
