@@ -1,7 +1,8 @@
 """cinfer's ``torch.compile`` backends: run the pass manager on the Dynamo graph, then hand it to Inductor.
 
 ``torch.compile(model, backend="cinfer")`` on a plain HF model call: no paged cache exists there, so only the
-norm passes run; attention stays ``scaled_dot_product_attention`` (or eager attention) and this is logged at INFO
+norm and projection passes run (the latter re-points the fused parameters' ``.data`` into the stacked weights,
+values unchanged); attention stays ``scaled_dot_product_attention`` (or eager attention) and this is logged at INFO
 on the ``graph_passes.pass_manager`` logger. The paged backend used by ``compile_model`` lives in ``paged_model``.
 """
 import logging
@@ -25,8 +26,9 @@ def compile_inner(gm: fx.GraphModule, example_inputs: list, inner_backend: str) 
 
 
 def cinfer_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
-    """The ``"cinfer"`` Dynamo backend for a plain model call: norm passes, then Inductor."""
-    run_passes(gm)
+    """The ``"cinfer"`` Dynamo backend for a plain model call: norm and projection passes, then Inductor."""
+    example_inputs = list(example_inputs)  # the projection pass swaps in fakes for the parameters it re-pointed
+    run_passes(gm, example_inputs)
     return compile_inner(gm, example_inputs, "inductor")
 
 

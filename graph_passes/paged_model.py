@@ -14,9 +14,11 @@ How the step's metadata and the caches enter the graph
 Dynamo traces straight through the HF code, so the graph holds HF's embedding, projections, RoPE (computed from
 ``position_ids`` as usual), causal-mask construction, SDPA / eager attention, norms and ``lm_head`` over the rows
 ``logits_indices`` selects. The marker keeps the metadata and caches as graph inputs; our backend runs the pass
-manager (attention -> rms_norm -> fused_add_rms_norm), which wires them into ``cinfer.kv_cache_write`` /
-``cinfer.paged_attention``, erases the marker and the now-dead mask, then hands the graph to Inductor. Everything
-stays inside one ``torch.compile``; the caches are written in place through the ops' ``Tensor(a!)`` arguments.
+manager (attention -> rms_norm -> fused_add_rms_norm -> fuse_projections), which wires them into
+``cinfer.kv_cache_write`` / ``cinfer.paged_attention``, erases the marker and the now-dead mask, stacks each layer's
+q/k/v and gate/up weights into one projection each (re-pointing the model's parameters into the stacked tensors),
+then hands the graph to Inductor. Everything stays inside one ``torch.compile``; the caches are written in place
+through the ops' ``Tensor(a!)`` arguments.
 
 Dynamic shapes (the rules the runtime relies on)
 ------------------------------------------------
@@ -152,7 +154,9 @@ class PagedModel:
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list):
         self.ops_before = op_counts(gm)
-        self.report = run_passes(gm, num_layers=len(self.k_caches), model_name=type(self.model).__name__)
+        example_inputs = list(example_inputs)  # the projection pass swaps in fakes for the parameters it re-pointed
+        self.report = run_passes(gm, example_inputs, num_layers=len(self.k_caches),
+                                 model_name=type(self.model).__name__)
         self.ops_after = op_counts(gm)
         self.graph_module = gm
         return compile_inner(gm, example_inputs, self.inner_backend)

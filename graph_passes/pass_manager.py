@@ -5,6 +5,8 @@ Order (each pass is a plain ``GraphModule -> int`` function in its own module):
 1. ``attention``           (``attention_pass.rewrite_attention``)          -- only for a paged graph (marker present)
 2. ``rms_norm``            (``rms_norm_pass.fuse_rms_norm``)
 3. ``fused_add_rms_norm``  (``fused_add_rms_norm_pass.fuse_add_rms_norm``) -- needs 2's ``cinfer.rms_norm`` nodes
+4. ``fuse_projections``    (``fuse_projections_pass.fuse_projections``)    -- needs the real weights
+   (``example_inputs``); stacks q/k/v and gate/up, re-pointing the fused parameters' ``.data`` into the stacks
 
 For a paged graph the attention pass must rewrite exactly one site per layer, otherwise ``GraphRewriteError``
 names the model class, the pattern and why each candidate was rejected: there is no silent eager fallback.
@@ -15,6 +17,7 @@ from torch import fx
 
 from graph_passes.attention_pass import PATTERN, rewrite_attention
 from graph_passes.errors import GraphRewriteError
+from graph_passes.fuse_projections_pass import fuse_projections
 from graph_passes.fused_add_rms_norm_pass import fuse_add_rms_norm
 from graph_passes.fx_utils import is_op
 from graph_passes.paged_inputs import PagedInputs
@@ -22,7 +25,7 @@ from graph_passes.rms_norm_pass import fuse_rms_norm
 
 logger = logging.getLogger(__name__)
 
-PASS_ORDER = ("attention", "rms_norm", "fused_add_rms_norm")
+PASS_ORDER = ("attention", "rms_norm", "fused_add_rms_norm", "fuse_projections")
 
 
 def model_class_name(gm: fx.GraphModule) -> str:
@@ -34,11 +37,16 @@ def model_class_name(gm: fx.GraphModule) -> str:
     return type(gm).__name__
 
 
-def run_passes(gm: fx.GraphModule, *, num_layers: int | None = None, model_name: str | None = None) -> dict[str, int]:
+def run_passes(gm: fx.GraphModule, example_inputs: list | None = None, *, num_layers: int | None = None,
+               model_name: str | None = None) -> dict[str, int]:
     """Rewrite ``gm`` in place; returns the sites rewritten per pass, in ``PASS_ORDER``.
 
+    ``example_inputs``: the backend's, one per placeholder (the parameters among them are the model's real ones);
+    without them the projection pass can fuse only ``get_attr`` weights. Updated in place for the inner compiler
+    (see ``fuse_projections``): pass a copy, and hand that copy on.
+
     ``num_layers``: for a paged graph (built by ``compile_model``), the number of attention layers that must be
-    rewritten. ``None`` means a plain model call: attention is left to SDPA and only the norm passes run.
+    rewritten. ``None`` means a plain model call: attention is left to SDPA; the norm and projection passes run.
     """
     model_name = model_name or model_class_name(gm)
     report: dict[str, int] = {}
@@ -62,10 +70,11 @@ def run_passes(gm: fx.GraphModule, *, num_layers: int | None = None, model_name:
     else:
         report["attention"] = 0
         logger.info("%s: no paged cache bound to this graph, so attention is left to SDPA / eager attention "
-                    "(only the norm passes run)", model_name)
+                    "(only the norm and projection passes run)", model_name)
 
     report["rms_norm"] = fuse_rms_norm(gm)
     report["fused_add_rms_norm"] = fuse_add_rms_norm(gm)
+    report["fuse_projections"] = fuse_projections(gm, example_inputs)
     gm.graph.lint()
     logger.info("%s: graph passes rewrote %s", model_name, ", ".join(f"{k}={v}" for k, v in report.items()))
     return report

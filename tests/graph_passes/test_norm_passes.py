@@ -147,7 +147,8 @@ def test_rms_norm_does_not_fire_on_other_reduction_dim():
 
 
 def test_registered_cinfer_backend_on_plain_model(caplog):
-    """``torch.compile(model, backend="cinfer")``: norms rewritten, attention kept as SDPA (and logged), via Inductor."""
+    """``torch.compile(model, backend="cinfer")``: norms and projections rewritten, attention kept as SDPA (and
+    logged), via Inductor."""
     model = make_model("llama2_mha", num_hidden_layers=1)
     compiled = torch.compile(model, backend="cinfer", fullgraph=True)
     input_ids = torch.randint(0, VOCAB, (2, 6))
@@ -156,4 +157,4 @@ def test_registered_cinfer_backend_on_plain_model(caplog):
         expected = model(input_ids=input_ids, use_cache=False).logits
     assert_close(actual, expected, LOGITS, torch.float32)
     assert "attention is left to SDPA" in caplog.text
-    assert "attention=0, rms_norm=3, fused_add_rms_norm=2" in caplog.text
+    assert "attention=0, rms_norm=3, fused_add_rms_norm=2, fuse_projections=2" in caplog.text
