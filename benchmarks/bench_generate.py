@@ -6,8 +6,8 @@ Workload: random prompts of --prompt-len tokens, exactly --new-tokens generated 
 size. Reports output tokens/s, time per output token (TPOT), time to first token (TTFT) and start-up time
 (compile + CUDA-graph capture), plus the batch-1 roofline: weight bytes / copy bandwidth measured in this run.
 
-Peers: ``cinfer`` (synchronous steps), ``cinfer_async`` (``async_scheduling=True``: the next decode step is launched
-before the previous step's tokens are read), ``hf_static``, ``hf_eager``. Each cinfer engine gets a KV cache sized
+Peers: ``cinfer`` (the defaults: on a GPU, async scheduling launches the next decode step before the previous
+step's tokens are read), ``cinfer_sync`` (``async_scheduling=False``), ``hf_static``, ``hf_eager``. Each cinfer engine gets a KV cache sized
 for the workload (twice the largest batch's tokens), not from free memory: a deleted engine's cache is not
 returned to the device (its compiled graph keeps it alive), so the second engine of the run must fit beside it.
 """
@@ -58,12 +58,12 @@ def bench_hf(model, prompts: torch.Tensor, new_tokens: int, static: bool) -> tup
     return total_s, ttft_s, startup_s if static else 0.0
 
 
-CINFER_PEERS = {"cinfer": False, "cinfer_async": True}  # peer -> async_scheduling
+CINFER_PEERS = {"cinfer": None, "cinfer_sync": False}  # peer -> async_scheduling (None: the default)
 BLOCK_SIZE = 16
 
 
 def bench_cinfer(model, prompts: torch.Tensor, new_tokens: int, max_num_seqs: int, engine=None,
-                 async_scheduling: bool = False, max_tokens_per_seq: int = 0):
+                 async_scheduling: bool | None = None, max_tokens_per_seq: int = 0):
     import cinfer_runtime
     from cinfer_runtime import SamplingParams
 
@@ -108,8 +108,8 @@ def main():
     ap.add_argument("--batch", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--peers", default="cinfer,cinfer_async,hf_static,hf_eager",
-                    help="comma list of cinfer, cinfer_async, hf_static, hf_eager")
+    ap.add_argument("--peers", default="cinfer,hf_static,hf_eager",
+                    help="comma list of cinfer, cinfer_sync, hf_static, hf_eager")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -149,6 +149,8 @@ def main():
                 row = _row(peer, batch, args.new_tokens, total, ttft, startup)
                 if peer in CINFER_PEERS:
                     row["overlapped_steps"] = overlapped
+                    if startup is not None:  # the engine's own split of its start-up
+                        row.update(engine.startup_times)
             except Exception as e:  # one peer failing must not hide the others' numbers
                 row = dict(peer=peer, batch=batch, error=f"{type(e).__name__}: {e}"[:300])
             if batch == 1 and "tok_s" in row:
@@ -165,10 +167,11 @@ def main():
         ref = by.get(("hf_static", r["batch"]))
         if r["peer"] in CINFER_PEERS and ref and "tok_s" in r and "tok_s" in ref:
             r["x_hf_static"] = r["tok_s"] / ref["tok_s"]
-        sync = by.get(("cinfer", r["batch"]))
-        if r["peer"] == "cinfer_async" and sync and "tok_s" in r and "tok_s" in sync:
+        sync = by.get(("cinfer_sync", r["batch"]))
+        if r["peer"] == "cinfer" and sync and "tok_s" in r and "tok_s" in sync:
             r["x_cinfer_sync"] = r["tok_s"] / sync["tok_s"]
-    print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "pct_roofline", "x_hf_static",
+    print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "compile_s", "cuda_graphs_s",
+                       "pct_roofline", "x_hf_static",
                        "x_cinfer_sync", "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_generate_{args.model.replace('/', '_')}.json",
                dict(info=info, copy_gbps=bw, weight_bytes=wbytes, roofline_tok_s=roofline, args=vars(args), rows=rows))

@@ -36,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default: %(default)s)")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: sized from device memory)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="launch each decode step before reading the previous step's tokens")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each decode step before reading the previous step's tokens (default: on for a GPU)")
     p.add_argument("--inner-backend", default="inductor", choices=["inductor", "eager"],
                    help="compiler for the rewritten graph (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="weights of the built-in model, prompts, sampling")
