@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import is_fake
 
@@ -254,8 +255,9 @@ def _record(node: fx.Node, value, with_val: bool) -> None:
 
 
 def _propagate(node: fx.Node, fake_mode, with_val: bool) -> None:
-    """Fill the fake value of a node the pass inserted."""
-    with fake_mode:
+    """Fill the fake value of a node the pass inserted. Under the Python dispatcher, as Dynamo traces: without it,
+    C++ composite kernels (``linear`` -> ``matmul`` in torch 2.11) call ``numel()`` on symbolic sizes and fail."""
+    with fake_mode, enable_python_dispatcher():
         _record(node, _fake_result(node), with_val)
 
 
@@ -272,7 +274,7 @@ def _strided_view_is_fine(narrow: fx.Node) -> bool:
     pending = set(narrow.users)
     node = narrow.next
     try:
-        with base.fake_mode:
+        with base.fake_mode, enable_python_dispatcher():
             while pending and node.op != "output":
                 if node in pending:
                     pending.discard(node)
