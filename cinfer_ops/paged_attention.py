@@ -58,13 +58,63 @@ def paged_attention_reference(query: Tensor, k_cache: Tensor, v_cache: Tensor, b
 _LOG2E = 1.4426950408889634
 
 
+KV_GATHERS = ("key", "page", "page3d", "tma")
+GRID_ORDERS = ("token", "head", "split")
+MERGES = ("head", "group", "fused")
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Split-KV kernel tiling: ``block_n`` keys per step; ``partition_size`` keys per split (None: sized from the grid)."""
+    """The split-KV decode kernel's tiling, split sizing and structural variants.
+
+    Tiling: ``block_n`` keys per step (a power of two >= 16), ``num_warps``, ``num_stages``. The K/V loads hang off
+    a block-table load, and Triton's pipeliner gives that chain (num_stages - 1) // 2 shared-memory buffers per
+    operand (seen in triton 3.6's sm_90 output): below 5 stages the next tile is requested only once this one is
+    consumed, so a program never overlaps its own loads and only the other programs on the SM hide the latency.
+
+    Split sizing, from shapes only (CUDA-graph safe): ``partition_size`` keys per split, or None to size it from the
+    grid: aim for ``programs_per_sm`` (token, kv_head, split) programs per SM, but no partition shorter than
+    ``min_partition`` keys and no more than ``max_splits`` splits (each split adds a partial-result write and a
+    share of the merge).
+
+    Variants (the defaults are the original kernel):
+    - ``kv_gather``: how a tile's K/V rows are found. "key": one block-table load per key. "page": one per page,
+      broadcast to the page's keys. "page3d": also loads K/V as [pages, block_size, head_dim] tiles, so each
+      thread's rows share few pages. "tma": one TMA descriptor load per page and step of min(block_n, block_size)
+      keys, no per-element address arithmetic (Hopper or newer, contiguous caches, block_size >= 16; "page" otherwise).
+    - ``grid_order``: the grid's fastest axis. "token" (then kv head, then split). "head": the kv heads of one
+      token run side by side, so each page's rows (all kv heads) are read at about the same time. "split": the
+      splits of one (token, kv head) run side by side and finish together.
+    - ``merge``: how split partials are combined. "head": a second kernel, one program per (token, query head).
+      "group": a second kernel, one program per (token, kv head), reading its query heads x many splits as one
+      tile. "fused": no second kernel: the last split of each (token, kv head) to finish merges (an atomic
+      counter), and a token whose context fits one split writes its output directly.
+    - ``direct_single_split``: with the "head"/"group" merges, a token whose context fits one split writes its
+      output directly and the merge skips it ("fused" always does).
+    """
     block_n: int
     num_warps: int
     num_stages: int
     partition_size: int | None = None
+    programs_per_sm: int = 16
+    min_partition: int = 512
+    max_splits: int = 128
+    kv_gather: str = "key"
+    grid_order: str = "token"
+    merge: str = "head"
+    direct_single_split: bool = False
+
+    def __post_init__(self):
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.partition_size is not None and self.partition_size < 1:
+            raise ValueError(f"partition_size must be positive or None, got {self.partition_size}")
+        for name in ("programs_per_sm", "min_partition", "max_splits"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, allowed in (("kv_gather", KV_GATHERS), ("grid_order", GRID_ORDERS), ("merge", MERGES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -77,11 +127,14 @@ class PrefillConfig:
 
 
 # Keyed by head_dim rounded up to a power of two: the smallest key >= it applies. Tune with
-# benchmarks/tune_paged_attention.py on the target GPU. Head_dim 128 picked on an H200 (triton 3.6): decode at
-# 88-92% of copy bandwidth, prefill 8x2048 causal at 316 TFLOP/s; the 64 and 256 rows are scaled from it, untuned.
+# benchmarks/tune_paged_attention.py on the target GPU (--decode-sweep: the split-KV kernel's knobs and variants).
+# Head_dim 128: decode from the H100 --decode-sweep of 2026-11-26 (the best single config over the three issue
+# shapes: 0.97x SDPA enable_gqa, 90-95% of copy bandwidth, against 0.95-0.97x for the earlier default; the fused
+# merge also saves small decode batches the merge kernel's launch); prefill picked on an H200 (triton 3.6), 8x2048
+# causal at 316 TFLOP/s. The 64 and 256 rows are scaled from it, untuned.
 DECODE_CONFIGS = {
-    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2),
-    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2),
+    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, grid_order="head", merge="fused"),
+    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, grid_order="head", merge="fused"),
     256: DecodeConfig(block_n=32, num_warps=4, num_stages=3),
 }
 PREFILL_CONFIGS = {
@@ -89,15 +142,11 @@ PREFILL_CONFIGS = {
     128: PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
     256: PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
 }
-# Split-KV sizing from shapes only (CUDA-graph safe): aim for DECODE_PROGRAMS_PER_SM programs per SM, but no
-# partition shorter than DECODE_MIN_PARTITION keys and no more than DECODE_MAX_SPLITS splits (each split adds a
-# partial-result write and a share of the merge).
-DECODE_PROGRAMS_PER_SM = 16
-DECODE_MIN_PARTITION = 512
-DECODE_MAX_SPLITS = 128
 # Widest vector the sequence search reads query_start_loc with; larger batches loop.
 _MAX_SEARCH_CHUNK = 1024
 _SPLIT_CHUNK = 16
+# Elements of the [query heads, splits, head_dim] tile the group merges read per step (sets the splits per step).
+_MERGE_TILE_ELEMENTS = 8192
 # Caches with at least this many elements are addressed with 64-bit offsets (a module constant so tests can lower it).
 _INT32_OFFSET_LIMIT = 2**31
 
@@ -120,35 +169,80 @@ def _count_le(qsl_ptr, x, k_lo, k_hi, DIV: tl.constexpr, ADD_INDEX: tl.constexpr
 
 
 @triton.jit
-def _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, n0, kv_stop,
+def _attend_block(q, m_i, l_i, acc, k_src, v_src, block_table_ptr, kv_head_offset, n0, kv_stop,
                   row_limit, qk_scale, stride_cb, stride_cs,
                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                   MASK_KV: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                  INT64_OFFSETS: tl.constexpr):
+                  INT64_OFFSETS: tl.constexpr, KV_GATHER: tl.constexpr):
     # One online-softmax step of the rows of q over keys [n0, n0 + BLOCK_N), gathered through the block table.
-    # MASK_KV: keys at or past kv_stop are neither loaded (their block-table entries and slots may be garbage or
-    # NaN) nor scored. CAUSAL: row r also scores only keys <= row_limit[r]. Scores are in log2 units.
+    # n0 is a multiple of BLOCK_N and below kv_stop. MASK_KV: keys at or past kv_stop are neither loaded (their
+    # block-table entries and slots may be garbage or NaN) nor scored. CAUSAL: row r also scores only keys
+    # <= row_limit[r]. Scores are in log2 units.
     # UPCAST_DOT: feed the dots fp32 copies of 16-bit operands (exact products, so the same arithmetic); Triton's
     # interpreter multiplies bf16 dot operands as raw bits (seen with triton 3.9). INT64_OFFSETS: cache offsets
     # need 64 bits; 32-bit address arithmetic is cheaper in the hot loop when the cache is small enough.
+    # KV_GATHER (DecodeConfig.kv_gather): 0 one block-table load per key; 1 one per page, broadcast to its keys;
+    # 2 that plus [pages, BLOCK_SIZE, D_PAD] K/V tiles; 3 k_src/v_src are TMA descriptors over the caches viewed
+    # as [slots, kv_heads * head_dim], kv_head_offset is the column, and the tile lies in one page.
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     kv_ok = offs_n < kv_stop
-    if MASK_KV:
-        block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=kv_ok, other=0)
+    if KV_GATHER == 3:
+        page = tl.load(block_table_ptr + n0 // BLOCK_SIZE)
+        row = page * BLOCK_SIZE + n0 % BLOCK_SIZE
+        # Columns past HEAD_DIM hold the next kv head's values (finite: a slot is written for all heads) or, for
+        # the last head, zeros; q is zero there, and those output columns are never stored.
+        k = k_src.load([row, kv_head_offset])
+        v = v_src.load([row, kv_head_offset])
+        if MASK_KV:
+            v = tl.where(kv_ok[:, None], v, 0.0)  # slots past the context may be NaN, and 0 * NaN is NaN
+    elif (KV_GATHER == 2) and (BLOCK_N > BLOCK_SIZE):
+        offs_p = n0 // BLOCK_SIZE + tl.arange(0, BLOCK_N // BLOCK_SIZE)
+        offs_s = tl.arange(0, BLOCK_SIZE)
+        if MASK_KV:
+            pages = tl.load(block_table_ptr + offs_p, mask=offs_p * BLOCK_SIZE < kv_stop, other=0)
+        else:
+            pages = tl.load(block_table_ptr + offs_p)
+        if INT64_OFFSETS:
+            pages = pages.to(tl.int64)
+        rows = pages[:, None] * stride_cb + offs_s[None, :] * stride_cs + kv_head_offset
+        offsets = rows[:, :, None] + offs_d[None, None, :]
+        if MASK_KV or D_PAD != HEAD_DIM:
+            key_ok = (offs_p[:, None] * BLOCK_SIZE + offs_s[None, :]) < kv_stop
+            mask = key_ok[:, :, None] & (offs_d < HEAD_DIM)[None, None, :]
+            k = tl.load(k_src + offsets, mask=mask, other=0.0)
+            v = tl.load(v_src + offsets, mask=mask, other=0.0)
+        else:
+            k = tl.load(k_src + offsets)
+            v = tl.load(v_src + offsets)
+        k = tl.reshape(k, [BLOCK_N, D_PAD])
+        v = tl.reshape(v, [BLOCK_N, D_PAD])
     else:
-        block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
-    if INT64_OFFSETS:
-        block = block.to(tl.int64)
-    rows = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head_offset
-    offsets = rows[:, None] + offs_d[None, :]
-    if MASK_KV or D_PAD != HEAD_DIM:
-        mask = kv_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=mask, other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=mask, other=0.0)
-    else:
-        k = tl.load(k_cache_ptr + offsets)
-        v = tl.load(v_cache_ptr + offsets)
+        if KV_GATHER == 0:
+            if MASK_KV:
+                block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=kv_ok, other=0)
+            else:
+                block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
+        elif BLOCK_N > BLOCK_SIZE:
+            offs_p = n0 // BLOCK_SIZE + tl.arange(0, BLOCK_N // BLOCK_SIZE)
+            if MASK_KV:
+                pages = tl.load(block_table_ptr + offs_p, mask=offs_p * BLOCK_SIZE < kv_stop, other=0)
+            else:
+                pages = tl.load(block_table_ptr + offs_p)
+            block = tl.reshape(tl.broadcast_to(pages[:, None], [BLOCK_N // BLOCK_SIZE, BLOCK_SIZE]), [BLOCK_N])
+        else:
+            block = tl.load(block_table_ptr + n0 // BLOCK_SIZE)  # the whole tile lies in one page
+        if INT64_OFFSETS:
+            block = block.to(tl.int64)
+        rows = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head_offset
+        offsets = rows[:, None] + offs_d[None, :]
+        if MASK_KV or D_PAD != HEAD_DIM:
+            mask = kv_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            k = tl.load(k_src + offsets, mask=mask, other=0.0)
+            v = tl.load(v_src + offsets, mask=mask, other=0.0)
+        else:
+            k = tl.load(k_src + offsets)
+            v = tl.load(v_src + offsets)
     if UPCAST_DOT:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
     else:
@@ -176,22 +270,81 @@ def _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, k
 
 
 @triton.jit
+def _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_splits, num_heads, num_splits,
+                 stride_ot, stride_oh, GROUP: tl.constexpr, GM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, ALL_WRITTEN: tl.constexpr):
+    # Log-sum-exp merge of splits [0, n_splits) of the GROUP query heads of kv_head, in one pass: each step reads
+    # SPLIT_CHUNK splits of every head as one [GM_PAD, SPLIT_CHUNK, D_PAD] tile and rescales the running sums.
+    # ALL_WRITTEN: every split below n_splits wrote its partial (the fused merge), so the output loads need not
+    # wait for the lse loads; otherwise a split whose lse is -inf wrote no output, which must not be read.
+    # Loads bypass L1 (".cg"): in the fused merge other programs wrote these rows during this kernel.
+    offs_g = tl.arange(0, GM_PAD)
+    offs_s = tl.arange(0, SPLIT_CHUNK)
+    offs_d = tl.arange(0, D_PAD)
+    g_ok = offs_g < GROUP
+    d_ok = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    first = (token64 * num_heads + heads) * num_splits  # [GM_PAD] partial row of each head's split 0
+    m = tl.full([GM_PAD], float("-inf"), tl.float32)
+    denom = tl.zeros([GM_PAD], tl.float32)
+    acc = tl.zeros([GM_PAD, D_PAD], tl.float32)
+    for s0 in range(0, n_splits, SPLIT_CHUNK):
+        split = s0 + offs_s
+        ok = g_ok[:, None] & (split < n_splits)[None, :]
+        row = first[:, None] + split[None, :]
+        lse = tl.load(part_lse_ptr + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        if ALL_WRITTEN:
+            written = ok
+        else:
+            written = lse > float("-inf")
+        part = tl.load(part_out_ptr + row[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                       mask=written[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split seen yet (or a padding row): no NaN
+        alpha = tl.exp2(m - m_ref)
+        w = tl.exp2(lse - m_ref[:, None])
+        denom = denom * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.sum(part * w[:, :, None], 1)
+        m = m_new
+    o = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(out_ptr + token64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, batch, num_heads, num_splits, partition_size,
+    q_ptr, k_src, v_src, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, merge_count_ptr,
+    qk_scale, batch, num_tokens, num_kv_heads, num_heads, num_splits, partition_size,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
-    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, GM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+    GRID_ORDER: tl.constexpr, KV_GATHER: tl.constexpr, MERGE: tl.constexpr, DIRECT: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INT64_OFFSETS: tl.constexpr,
 ):
     # Program (token, kv_head, split): the GROUP query heads of kv_head for one query token are the rows of the
     # dots, so each K/V tile is read once per kv head. The split covers keys [split * partition_size, + partition_size)
     # of the token's visible context. Any token works (it need not be its sequence's only one), so this kernel is
     # correct for every query_start_loc; the launcher uses it when num_tokens == batch.
-    token = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    # SPLIT: there are several splits; each writes a normalised partial output and its log2-sum-exp, merged by a
+    # second kernel or (MERGE == 2) by the last split to finish. DIRECT: a token whose context fits one split
+    # writes its output directly (split 1 is then empty, which the merge kernels check). GRID_ORDER: which of
+    # token (0, a 3-D grid), kv head (1) or split (2) is the fastest axis of a 1-D grid.
+    if GRID_ORDER == 0:
+        token = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+    elif GRID_ORDER == 1:
+        pid = tl.program_id(0)
+        kv_head = pid % num_kv_heads
+        token = (pid // num_kv_heads) % num_tokens
+        split = pid // (num_kv_heads * num_tokens)
+    else:
+        pid = tl.program_id(0)
+        split = pid % num_splits
+        kv_head = (pid // num_splits) % num_kv_heads
+        token = pid // (num_splits * num_kv_heads)
     # Decode steps have token == sequence: try that first, with independent loads, and search only if it is wrong
     # (saves a dependent global-memory round trip before the first K/V load).
     q_start = tl.load(query_start_loc_ptr + token, mask=token < batch, other=0)
@@ -207,6 +360,7 @@ def _decode_kernel(
     kv_len = tl.where(real, ctx - (q_end - q_start) + (token - q_start) + 1, 0)
     kv_start = split * partition_size
     kv_stop = tl.minimum(kv_start + partition_size, kv_len)
+    n_active = tl.minimum((kv_len + partition_size - 1) // partition_size, num_splits)  # splits that see a key
 
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_PAD)
@@ -214,72 +368,119 @@ def _decode_kernel(
     row_ok = offs_g < GROUP
     io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     token64 = token.to(tl.int64)
+    out_rows = out_ptr + token64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     part_row = (token64 * num_heads + heads) * num_splits + split  # [G_PAD] rows of the partial buffers
     if kv_start < kv_len:
         q = tl.load(q_ptr + token64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
         block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-        kv_head_offset = kv_head * stride_ch
-        if INT64_OFFSETS:
+        if KV_GATHER == 3:
+            kv_head_offset = kv_head * HEAD_DIM  # a column of the TMA descriptors
+        elif INT64_OFFSETS:
             kv_head_offset = kv_head.to(tl.int64) * stride_ch
+        else:
+            kv_head_offset = kv_head * stride_ch
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
         full_stop = kv_start + (kv_stop - kv_start) // BLOCK_N * BLOCK_N
         for n0 in range(kv_start, full_stop, BLOCK_N):
-            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_src, v_src, block_table_ptr, kv_head_offset,
                                           n0, kv_stop, m_i, qk_scale, stride_cb, stride_cs,
-                                          BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, False, DOT_PRECISION, UPCAST_DOT, INT64_OFFSETS)
+                                          BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, False, DOT_PRECISION, UPCAST_DOT,
+                                          INT64_OFFSETS, KV_GATHER)
         for n0 in range(full_stop, kv_stop, BLOCK_N):  # the ragged last tile, if any
-            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_src, v_src, block_table_ptr, kv_head_offset,
                                           n0, kv_stop, m_i, qk_scale, stride_cb, stride_cs,
-                                          BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, False, DOT_PRECISION, UPCAST_DOT, INT64_OFFSETS)
+                                          BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, False, DOT_PRECISION, UPCAST_DOT,
+                                          INT64_OFFSETS, KV_GATHER)
         # kv_start < kv_len: every row scored at least one key, so l_i > 0.
         o = acc / l_i[:, None]
         if SPLIT:
-            tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=io_mask)
-            tl.store(part_lse_ptr + part_row, m_i + tl.log2(l_i), mask=row_ok)
+            direct = False
+            if DIRECT:
+                direct = n_active == 1
+            if direct:
+                tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=io_mask)
+            else:
+                tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=io_mask)
+                tl.store(part_lse_ptr + part_row, m_i + tl.log2(l_i), mask=row_ok)
+                if MERGE == 2:
+                    # The last of the token's n_active splits to get here merges them. The barrier orders every
+                    # thread's partial stores before the (one-thread, release) increment; the acquire side of
+                    # the increment orders the last program's reads after everyone's stores.
+                    tl.debug_barrier()
+                    count_ptr = merge_count_ptr + token64 * num_kv_heads + kv_head
+                    done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+                    if done == n_active - 1:
+                        _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_active, num_heads,
+                                     num_splits, stride_ot, stride_oh, GROUP, GM_PAD, HEAD_DIM, D_PAD, MERGE_CHUNK, True)
         else:
-            tl.store(out_ptr + token64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                     o.to(out_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
-        # Nothing visible in this split (past the context, or a padding token): a neutral partial result.
+        # Nothing visible in this split (past the context, or a padding token).
+        zeros = tl.zeros([G_PAD, D_PAD], tl.float32).to(out_ptr.dtype.element_ty)
         if SPLIT:
-            tl.store(part_lse_ptr + part_row, tl.full([G_PAD], float("-inf"), tl.float32), mask=row_ok)
+            if DIRECT:
+                if split == 0:  # an empty context: the output is 0 (finite), and the merge skips the token
+                    tl.store(out_rows, zeros, mask=io_mask)
+                elif MERGE != 2:
+                    tl.store(part_lse_ptr + part_row, tl.full([G_PAD], float("-inf"), tl.float32), mask=row_ok)
+            else:  # a neutral partial result
+                tl.store(part_lse_ptr + part_row, tl.full([G_PAD], float("-inf"), tl.float32), mask=row_ok)
         else:
-            tl.store(out_ptr + token64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                     tl.zeros([G_PAD, D_PAD], tl.float32).to(out_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(out_rows, zeros, mask=io_mask)
 
 
 @triton.jit
 def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_splits, stride_ot, stride_oh,
-                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
-    # Program (token, head): log-sum-exp merge of the per-split normalised outputs.
+                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, DIRECT: tl.constexpr):
+    # Program (token, head): log-sum-exp merge of the per-split normalised outputs. DIRECT: a token whose split 1
+    # is empty had its output written by split 0.
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     base = (token * num_heads + head) * num_splits
-    m_vec = tl.full([SPLIT_CHUNK], float("-inf"), tl.float32)
-    for s0 in range(0, num_splits, SPLIT_CHUNK):
-        offs_s = s0 + tl.arange(0, SPLIT_CHUNK)
-        lse = tl.load(part_lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-        m_vec = tl.maximum(m_vec, lse)
-    m = tl.max(m_vec, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # a row with no visible key (padding): output 0, not NaN
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
-    denom = tl.zeros([SPLIT_CHUNK], tl.float32)
-    acc = tl.zeros([D_PAD], tl.float32)
-    for s0 in range(0, num_splits, SPLIT_CHUNK):
-        offs_s = s0 + tl.arange(0, SPLIT_CHUNK)
-        lse = tl.load(part_lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-        w = tl.exp2(lse - m)
-        # Splits past the context wrote no output (their lse is -inf, w == 0): don't read it.
-        part = tl.load(part_out_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                       mask=(w > 0)[:, None] & d_ok[None, :], other=0.0)
-        denom += w
-        acc += tl.sum(part * w[:, None], 0)
-    total = tl.sum(denom, 0)
-    o = acc / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+    merge = True
+    if DIRECT:
+        merge = tl.load(part_lse_ptr + base + 1) != float("-inf")
+    if merge:
+        m_vec = tl.full([SPLIT_CHUNK], float("-inf"), tl.float32)
+        for s0 in range(0, num_splits, SPLIT_CHUNK):
+            offs_s = s0 + tl.arange(0, SPLIT_CHUNK)
+            lse = tl.load(part_lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+            m_vec = tl.maximum(m_vec, lse)
+        m = tl.max(m_vec, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)  # a row with no visible key (padding): output 0, not NaN
+        offs_d = tl.arange(0, D_PAD)
+        d_ok = offs_d < HEAD_DIM
+        denom = tl.zeros([SPLIT_CHUNK], tl.float32)
+        acc = tl.zeros([D_PAD], tl.float32)
+        for s0 in range(0, num_splits, SPLIT_CHUNK):
+            offs_s = s0 + tl.arange(0, SPLIT_CHUNK)
+            lse = tl.load(part_lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+            w = tl.exp2(lse - m)
+            # Splits past the context wrote no output (their lse is -inf, w == 0): don't read it.
+            part = tl.load(part_out_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                           mask=(w > 0)[:, None] & d_ok[None, :], other=0.0)
+            denom += w
+            acc += tl.sum(part * w[:, None], 0)
+        total = tl.sum(denom, 0)
+        o = acc / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _merge_groups_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_splits, stride_ot, stride_oh,
+                         GROUP: tl.constexpr, GM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                         SPLIT_CHUNK: tl.constexpr, DIRECT: tl.constexpr):
+    # Program (token, kv_head): the merge of its GROUP query heads (see _merge_group). DIRECT: as above.
+    token = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    merge = True
+    if DIRECT:
+        merge = tl.load(part_lse_ptr + (token * num_heads + kv_head * GROUP) * num_splits + 1) != float("-inf")
+    if merge:
+        _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token, kv_head, num_splits, num_heads, num_splits,
+                     stride_ot, stride_oh, GROUP, GM_PAD, HEAD_DIM, D_PAD, SPLIT_CHUNK, False)
 
 
 @triton.jit
@@ -339,11 +540,11 @@ def _prefill_kernel(
         for n0 in range(0, full_stop, BLOCK_N):
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
                                           n0, kv_stop, row_limit, qk_scale, stride_cb, stride_cs,
-                                          BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, False, DOT_PRECISION, UPCAST_DOT, INT64_OFFSETS)
+                                          BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, False, DOT_PRECISION, UPCAST_DOT, INT64_OFFSETS, 0)
         for n0 in range(full_stop, kv_stop, BLOCK_N):
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
                                           n0, kv_stop, row_limit, qk_scale, stride_cb, stride_cs,
-                                          BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, True, DOT_PRECISION, UPCAST_DOT, INT64_OFFSETS)
+                                          BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, True, DOT_PRECISION, UPCAST_DOT, INT64_OFFSETS, 0)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tokens64[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -360,11 +561,103 @@ def _pick(configs: dict, d_pad: int):
     return configs[min((k for k in configs if k >= d_pad), default=max(configs))]
 
 
-def _decode_partition(programs: int, max_context: int, block_n: int, device: torch.device) -> int:
-    """Keys per split, from shapes only: enough (token, kv_head, split) programs to fill the GPU."""
-    want = triton.cdiv(DECODE_PROGRAMS_PER_SM * _num_sms(device), programs)
-    splits = max(1, min(want, triton.cdiv(max_context, DECODE_MIN_PARTITION), DECODE_MAX_SPLITS))
-    return triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return True  # the interpreter emulates tensor descriptors
+
+
+def _decode_partition(programs: int, max_context: int, cfg: DecodeConfig, num_sms: int) -> int:
+    """Keys per split (a multiple of cfg.block_n), from shapes only: cfg.partition_size, or enough
+    (token, kv_head, split) programs for about cfg.programs_per_sm per SM within cfg's split limits."""
+    if cfg.partition_size is not None:
+        partition = cfg.partition_size
+    else:
+        want = triton.cdiv(cfg.programs_per_sm * num_sms, programs)
+        splits = max(1, min(want, triton.cdiv(max_context, cfg.min_partition), cfg.max_splits))
+        partition = triton.cdiv(max_context, splits)
+    return triton.cdiv(partition, cfg.block_n) * cfg.block_n
+
+
+def _merge_chunk(gm_pad: int, d_pad: int) -> int:
+    """Splits per step of the group merges: a [gm_pad, chunk, d_pad] fp32 tile of about _MERGE_TILE_ELEMENTS."""
+    chunk = max(2, _MERGE_TILE_ELEMENTS // (gm_pad * d_pad))
+    return min(16, 1 << (chunk.bit_length() - 1))
+
+
+def _tma_descriptors(k_cache: Tensor, v_cache: Tensor, rows: int, d_pad: int):
+    """TMA descriptors over the caches viewed as [slots, kv_heads * head_dim], loading [rows, d_pad] boxes;
+    None where TMA does not apply (no TMA unit, a non-contiguous or misaligned cache, rows below tl.dot's 16)."""
+    usable = (rows >= 16 and _has_tma(k_cache.device) and k_cache.is_contiguous() and v_cache.is_contiguous()
+              and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0)
+    if not usable:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    slots, width = k_cache.shape[0] * k_cache.shape[1], k_cache.shape[2] * k_cache.shape[3]
+    return tuple(TensorDescriptor(c.view(slots, width), [slots, width], [width, 1], [rows, d_pad])
+                 for c in (k_cache, v_cache))
+
+
+def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                   query_start_loc: Tensor, out: Tensor, cfg: DecodeConfig, qk_scale: float, **kernel_flags) -> None:
+    """The split-KV kernel (and the merge of its splits) into out; kernel_flags: constexprs shared with prefill."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    batch = block_tables.shape[0]
+    group = num_heads // kv_heads
+    d_pad = max(triton.next_power_of_2(head_dim), 16)
+    max_context = block_tables.shape[1] * block_size
+    partition = _decode_partition(batch * kv_heads, max_context, cfg, _num_sms(query.device))
+    num_splits = triton.cdiv(max_context, partition)
+    split = num_splits > 1
+
+    kv_gather, block_n, k_src, v_src = cfg.kv_gather, cfg.block_n, k_cache, v_cache
+    if kv_gather == "tma":
+        # A step is one page at most; partition is a multiple of block_n, so of the step too.
+        descriptors = _tma_descriptors(k_cache, v_cache, min(block_n, block_size), d_pad)
+        if descriptors is None:
+            kv_gather = "page"
+        else:
+            block_n = min(block_n, block_size)
+            k_src, v_src = descriptors
+    fused = cfg.merge == "fused"
+    gm_pad = max(triton.next_power_of_2(group), 2)
+    part_out = part_lse = merge_count = None
+    if split:
+        part_out = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
+        part_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device)
+        if fused:
+            merge_count = torch.zeros(num_tokens * kv_heads, dtype=torch.int32, device=query.device)
+    if cfg.grid_order == "token":
+        grid = (num_tokens, kv_heads, num_splits)
+    else:
+        grid = (num_tokens * kv_heads * num_splits,)
+    _decode_kernel[grid](
+        query, k_src, v_src, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, merge_count,
+        qk_scale, batch, num_tokens, kv_heads, num_heads, num_splits, partition,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), GM_PAD=gm_pad, HEAD_DIM=head_dim, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=split,
+        GRID_ORDER=GRID_ORDERS.index(cfg.grid_order), KV_GATHER=KV_GATHERS.index(kv_gather),
+        MERGE=MERGES.index(cfg.merge), DIRECT=cfg.direct_single_split or fused,
+        MERGE_CHUNK=_merge_chunk(gm_pad, d_pad),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kernel_flags,
+    )
+    if split and cfg.merge == "head":
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            part_out, part_lse, out, num_heads, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_CHUNK=_SPLIT_CHUNK, DIRECT=cfg.direct_single_split,
+            num_warps=4 if d_pad >= 128 else 2,
+        )
+    elif split and cfg.merge == "group":
+        _merge_groups_kernel[(num_tokens, kv_heads)](
+            part_out, part_lse, out, num_heads, num_splits, out.stride(0), out.stride(1),
+            GROUP=group, GM_PAD=gm_pad, HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_CHUNK=_merge_chunk(gm_pad, d_pad),
+            DIRECT=cfg.direct_single_split, num_warps=4,
+        )
 
 
 def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
@@ -376,7 +669,7 @@ def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
     No host syncs and no data-dependent Python control flow: grids and the kernel choice come from shapes, so it
     can be captured in a CUDA graph. ``num_tokens == batch`` runs the split-KV decode kernel (plus the merge of
     its splits when there is more than one), anything else the tiled flash kernel; both are correct for any
-    ``query_start_loc``. ``decode_config``/``prefill_config`` override the tiling (for tuning and tests).
+    ``query_start_loc``. ``decode_config``/``prefill_config`` override the tiling and variants (tuning, tests).
     """
     _check(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     num_tokens, num_heads, head_dim = query.shape
@@ -403,31 +696,9 @@ def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
 
     if num_tokens == batch:
-        cfg = decode_config or _pick(DECODE_CONFIGS, d_pad)
-        max_context = block_tables.shape[1] * block_size
-        partition = cfg.partition_size or _decode_partition(batch * kv_heads, max_context, cfg.block_n, query.device)
-        partition = triton.cdiv(partition, cfg.block_n) * cfg.block_n
-        num_splits = triton.cdiv(max_context, partition)
-        split = num_splits > 1
-        if split:
-            part_out = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
-            part_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device)
-        else:
-            part_out = part_lse = out  # not touched when SPLIT is False
-        _decode_kernel[(num_tokens, kv_heads, num_splits)](
-            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse,
-            qk_scale, batch, num_heads, num_splits, partition,
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1), *cache_strides,
-            GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim, D_PAD=d_pad,
-            BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, SEARCH_CHUNK=search_chunk, SPLIT=split,
-            DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, INT64_OFFSETS=int64_offsets,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        if split:
-            _merge_splits_kernel[(num_tokens, num_heads)](
-                part_out, part_lse, out, num_heads, num_splits, out.stride(0), out.stride(1),
-                HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_CHUNK=_SPLIT_CHUNK, num_warps=4 if d_pad >= 128 else 2,
-            )
+        _launch_decode(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+                       decode_config or _pick(DECODE_CONFIGS, d_pad), qk_scale, SEARCH_CHUNK=search_chunk,
+                       DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, INT64_OFFSETS=int64_offsets)
         return out
 
     cfg = prefill_config or _pick(PREFILL_CONFIGS, d_pad)

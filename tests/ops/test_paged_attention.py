@@ -26,6 +26,21 @@ OP_DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 # Interpreter-sized tiles: ragged last tiles, several key tiles per query tile, several splits per sequence.
 SMALL_PREFILL = [PrefillConfig(16, 16, 4, 1), PrefillConfig(32, 16, 4, 1), PrefillConfig(64, 32, 4, 1)]
 SMALL_DECODE_PARTITIONS = [16, 32, 48]
+# One entry per structural variant of the split-KV kernel (DecodeConfig fields), the original kernel first.
+DECODE_VARIANTS = [
+    {},
+    dict(kv_gather="page"),
+    dict(kv_gather="page3d"),
+    dict(kv_gather="tma"),
+    dict(grid_order="head"),
+    dict(grid_order="split"),
+    dict(merge="group"),
+    dict(merge="fused"),
+    dict(merge="fused", grid_order="split", kv_gather="page"),
+    dict(direct_single_split=True),
+    dict(merge="group", direct_single_split=True, grid_order="head"),
+]
+VARIANT_IDS = ["-".join(f"{k}={v}" for k, v in d.items()) or "original" for d in DECODE_VARIANTS]
 
 
 def reference_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
@@ -154,6 +169,22 @@ def decode_case(draw, max_batch=5, head_dims=(16, 64, 80, 128), block_sizes=(8, 
                 padding_rows=padding, scale_factor=draw(st.sampled_from([0.5, 1.0, 2.0])), seed=draw(st.integers(0, 2**16)))
 
 
+@st.composite
+def decode_config(draw):
+    """Interpreter-sized split-KV tiles with every variant flag: block_n below, at and above the block sizes,
+    fixed partitions or ones sized from the grid (small min_partition so that short contexts split too)."""
+    return DecodeConfig(
+        block_n=draw(st.sampled_from([16, 32])), num_warps=4, num_stages=1,
+        partition_size=draw(st.sampled_from(SMALL_DECODE_PARTITIONS + [None])),
+        programs_per_sm=draw(st.sampled_from([1, 16, 64])), min_partition=draw(st.sampled_from([16, 32, 512])),
+        max_splits=draw(st.sampled_from([2, 128])),
+        kv_gather=draw(st.sampled_from(paged_attention_module.KV_GATHERS)),
+        grid_order=draw(st.sampled_from(paged_attention_module.GRID_ORDERS)),
+        merge=draw(st.sampled_from(paged_attention_module.MERGES)),
+        direct_single_split=draw(st.booleans()),
+    )
+
+
 # ---- the Triton kernels (interpreter on CPU, native on GPU) -------------------------------------------------------
 
 @settings(max_examples=max(100, settings().max_examples))
@@ -165,35 +196,101 @@ def test_flash_kernel_matches_reference(case, cfg):
 
 
 @settings(max_examples=max(100, settings().max_examples))
-@given(case=decode_case(), partition=st.sampled_from(SMALL_DECODE_PARTITIONS + [None]))
-def test_split_kv_kernel_matches_reference(case, partition):
+@given(case=decode_case(), cfg=decode_config())
+def test_split_kv_kernel_matches_reference(case, cfg):
     args = build(case, TRITON_DEVICE)
     assert args[0].shape[0] == args[3].shape[0]
-    cfg = DecodeConfig(block_n=16, num_warps=4, num_stages=1, partition_size=partition)
     check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
 
 
-@pytest.mark.parametrize("int64_offsets", [False, True])
+# 64-bit offsets change only the address arithmetic: run them with the variants that address K/V differently.
+VARIANTS_INT64 = [(v, False) for v in DECODE_VARIANTS] + [(v, True) for v in DECODE_VARIANTS if not v or "kv_gather" in v]
+
+
+@pytest.mark.parametrize("variant,int64_offsets", VARIANTS_INT64,
+                         ids=[f"{'int64-' if i else ''}{VARIANT_IDS[DECODE_VARIANTS.index(v)]}" for v, i in VARIANTS_INT64])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_kv_kernel_many_splits(dtype, int64_offsets, monkeypatch):
+def test_split_kv_kernel_many_splits(dtype, int64_offsets, variant, monkeypatch):
     # Contexts across 1 to 7 splits of 16 keys, some ending one key into a split, with GQA: the log-sum-exp merge.
     # Caches of 2**31 elements and more take 64-bit offsets; lowering the threshold runs that path on a small one.
+    # Tiles of 16 keys span 2 pages of 8 (the page-granular variants broadcast page entries).
     if int64_offsets:
         monkeypatch.setattr(paged_attention_module, "_INT32_OFFSET_LIMIT", 0)
     case = Case(q_lens=[1] * 5, seq_lens=[1, 17, 48, 97, 112], num_kv_heads=2, group=4, head_dim=64, block_size=8,
                 dtype=dtype, seed=7)
     args = build(case, TRITON_DEVICE)
-    check(case, paged_attention_triton(*args, decode_config=DecodeConfig(16, 4, 1, partition_size=16)), args)
+    cfg = DecodeConfig(16, 4, 1, partition_size=16, **variant)
+    check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
 
 
+@pytest.mark.parametrize("block_size,block_n", [(16, 16), (16, 32), (32, 16)])
+@pytest.mark.parametrize("head_dim", [80, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_kv_kernel_tma_pages(dtype, head_dim, block_size, block_n, monkeypatch):
+    # TMA boxes of min(block_n, block_size) rows: a whole page, or part of one. Head_dim 80 loads 128 columns:
+    # the next kv head's values, and zeros past the last head. Contexts end mid-page, next to NaN slots.
+    made = []
+    real = paged_attention_module._tma_descriptors
+
+    def spy(*args):  # the launcher falls back to "page" silently when TMA does not apply: check it did not
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(paged_attention_module, "_tma_descriptors", spy)
+    case = Case(q_lens=[1] * 4, seq_lens=[1, 31, 70, 96], num_kv_heads=2, group=3, head_dim=head_dim,
+                block_size=block_size, dtype=dtype, seed=17)
+    args = build(case, TRITON_DEVICE)
+    cfg = DecodeConfig(block_n, 4, 2, partition_size=32, kv_gather="tma")
+    check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
+    assert made and made[0] is not None
+
+
+@pytest.mark.parametrize("merge", ["group", "fused"])
+def test_split_kv_group_merge_in_several_steps(merge, monkeypatch):
+    # The group merges read [heads, splits, head_dim] tiles; a small tile budget makes them take 2 splits per
+    # step over 9 splits, with an odd group (3 query heads padded to 4) and head_dim 80 (padded to 128).
+    monkeypatch.setattr(paged_attention_module, "_MERGE_TILE_ELEMENTS", 64)
+    assert paged_attention_module._merge_chunk(4, 128) == 2
+    case = Case(q_lens=[1] * 4, seq_lens=[144, 5, 130, 64], num_kv_heads=2, group=3, head_dim=80, block_size=16,
+                dtype=torch.float32, seed=13)
+    args = build(case, TRITON_DEVICE)
+    for direct in (False, True):
+        cfg = DecodeConfig(16, 4, 1, partition_size=16, merge=merge, direct_single_split=direct)
+        check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
+
+
+@pytest.mark.parametrize("variant", DECODE_VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("q_lens", [[2, 0, 1], [0, 3, 0], [0, 0, 0], [1, 1, 0]])
-def test_split_kv_kernel_with_uneven_queries(q_lens):
+def test_split_kv_kernel_with_uneven_queries(q_lens, variant):
     # num_tokens == batch picks the split-KV kernel from shapes alone; it must not assume one query per sequence.
     case = Case(q_lens=q_lens, seq_lens=[max(q, 1) + 20 for q in q_lens], num_kv_heads=1, group=2, head_dim=32,
                 block_size=8, dtype=torch.float32, padding_rows=len(q_lens) - sum(q_lens), seed=3)
     args = build(case, TRITON_DEVICE)
     for partition in (16, None):
-        check(case, paged_attention_triton(*args, decode_config=DecodeConfig(16, 4, 1, partition)), args)
+        check(case, paged_attention_triton(*args, decode_config=DecodeConfig(16, 4, 1, partition, **variant)), args)
+
+
+def test_decode_partition_sizing():
+    # Split sizing from shapes alone. The defaults keep the original constants (16 programs per SM, partitions of
+    # 512 keys at least, 128 splits at most): on a 132-SM card, the issue's shapes (8 kv heads, block_n 128).
+    default = DecodeConfig(128, 4, 2)
+    partition = paged_attention_module._decode_partition
+    assert partition(64 * 8, 4096, default, 132) == 896  # 5 splits
+    assert partition(8 * 8, 32768, default, 132) == 1024  # 32 splits
+    assert partition(256 * 8, 512, default, 132) == 512  # 1 split
+    assert partition(8 * 8, 32768, DecodeConfig(128, 4, 2, programs_per_sm=2), 132) == 6656  # 5 splits
+    assert partition(8 * 8, 32768, DecodeConfig(128, 4, 2, max_splits=8), 132) == 4096
+    assert partition(256 * 8, 512, DecodeConfig(128, 4, 2, min_partition=128, programs_per_sm=64), 132) == 128
+    assert partition(1, 100, DecodeConfig(32, 4, 2, partition_size=40), 132) == 64  # rounded up to block_n
+
+
+@pytest.mark.parametrize("field,value", [("block_n", 24), ("block_n", 8), ("partition_size", 0), ("programs_per_sm", 0),
+                                         ("min_partition", 0), ("max_splits", 0), ("kv_gather", "row"),
+                                         ("grid_order", "batch"), ("merge", "tree")])
+def test_decode_config_rejects_bad_values(field, value):
+    kwargs = dict(block_n=32, num_warps=4, num_stages=2) | {field: value}
+    with pytest.raises(ValueError, match=field):
+        DecodeConfig(**kwargs)
 
 
 @pytest.mark.parametrize("int64_offsets", [False, True])
@@ -208,14 +305,15 @@ def test_flash_kernel_long_prefill_with_prefix(int64_offsets, monkeypatch):
     check(case, paged_attention_triton(*args, prefill_config=PrefillConfig(32, 16, 4, 1)), args)
 
 
-def test_decode_padding_sequences():
+@pytest.mark.parametrize("variant", DECODE_VARIANTS, ids=VARIANT_IDS)
+def test_decode_padding_sequences(variant):
     # A CUDA-graph batch bucket: two real sequences, two padding ones with an empty context and garbage tables.
     case = Case(q_lens=[1, 1, 1, 1], seq_lens=[30, 9, 0, 0], num_kv_heads=1, group=4, head_dim=16, block_size=8,
                 dtype=torch.float16, seed=5)
     args = build(case, TRITON_DEVICE)
     expected = reference_attention(*args)
     for partition in (16, None):
-        out = paged_attention_triton(*args, decode_config=DecodeConfig(16, 4, 1, partition))
+        out = paged_attention_triton(*args, decode_config=DecodeConfig(16, 4, 1, partition, **variant))
         assert_close(out[:2], expected[:2], ATTENTION, case.dtype)
         assert torch.isfinite(out[2:]).all()  # unspecified, but a padding row must not turn into NaN
 
@@ -246,11 +344,35 @@ def test_op_cuda_default_tiles(case):
 
 
 @pytest.mark.gpu
+@settings(max_examples=25)
+@given(case=decode_case(max_batch=8, head_dims=(64, 80, 128, 256), block_sizes=GPU_BLOCK_SIZES, max_blocks=40),
+       block_n=st.sampled_from([32, 64, 128]), num_stages=st.sampled_from([2, 5]),
+       variant=st.sampled_from(DECODE_VARIANTS), partition=st.sampled_from([None, 64, 256]))
+def test_split_kv_variants_cuda(case, block_n, num_stages, variant, partition):
+    # Each variant natively, at GPU tile sizes and pipeline depths (5 stages double-buffer the K/V loads).
+    elem = torch.finfo(case.dtype).bits // 8
+    d_pad = 1 << (case.head_dim - 1).bit_length()
+    while block_n > 16 and 2 * block_n * d_pad * elem * max(1, (num_stages - 1) // 2) > 96 * 1024:
+        block_n //= 2  # K and V buffers within shared memory
+    args = build(case, "cuda")
+    cfg = DecodeConfig(block_n, 4, num_stages, partition, min_partition=64, **variant)
+    check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
+
+
+GRAPH_DECODE_CONFIGS = [
+    None,
+    DecodeConfig(64, 4, 5, kv_gather="page", merge="fused", grid_order="split", programs_per_sm=8),
+    DecodeConfig(128, 4, 8, kv_gather="tma", merge="group", direct_single_split=True, grid_order="head"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode_config", GRAPH_DECODE_CONFIGS, ids=["default", "fused", "tma-group"])
 @pytest.mark.parametrize("first,second", [
     (([1] * 6, [500, 31, 1200, 16, 7, 64]), ([1] * 6, [33, 900, 2, 1100, 640, 129])),  # decode, split-KV
     (([50, 1, 20], [300, 17, 20]), ([10, 10, 51], [10, 100, 61])),  # mixed prefill, same token count
 ])
-def test_cuda_graph_replay(first, second):
+def test_cuda_graph_replay(first, second, decode_config):
     # Capture one call, then refill the static inputs with other sequences and replay: a host sync would fail the
     # capture, a value baked in at capture time would fail the comparison.
     cases = [Case(q, s, num_kv_heads=2, group=4, head_dim=128, block_size=16, dtype=torch.bfloat16, seed=i)
@@ -268,11 +390,11 @@ def test_cuda_graph_replay(first, second):
             buf[tuple(slice(0, n) for n in new.shape)].copy_(new)
 
     load(inputs[0])
-    paged_attention_triton(*static, scale)  # compile outside the capture
+    paged_attention_triton(*static, scale, decode_config=decode_config)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = paged_attention_triton(*static, scale)
+        out = paged_attention_triton(*static, scale, decode_config=decode_config)
     for case, tensors in zip(cases, inputs):
         load(tensors)
         graph.replay()
