@@ -149,8 +149,10 @@ def main():
                 row = _row(peer, batch, args.new_tokens, total, ttft, startup)
                 if peer in CINFER_PEERS:
                     row["overlapped_steps"] = overlapped
-                    if startup is not None:  # the engine's own split of its start-up
+                    if startup is not None:  # the engine's own split of its start-up, and Dynamo's of its compile
                         row.update(engine.startup_times)
+                        print("torch.compile phases (s):\n" + torch._dynamo.utils.compile_times(repr="str",
+                                                                                          aggregate=True))
             except Exception as e:  # one peer failing must not hide the others' numbers
                 row = dict(peer=peer, batch=batch, error=f"{type(e).__name__}: {e}"[:300])
             if batch == 1 and "tok_s" in row:

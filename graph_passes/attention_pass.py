@@ -174,11 +174,13 @@ def _check_shapes(site: AttentionSite, paged: PagedInputs, layer: int) -> str | 
     return None
 
 
-def _tokens_major(graph: fx.Graph, node: fx.Node) -> fx.Node:
-    """[1, heads, N, D] -> contiguous [N, heads, D]."""
+def _tokens_major(graph: fx.Graph, node: fx.Node, contiguous: bool) -> list[fx.Node]:
+    """[1, heads, N, D] -> [N, heads, D] (contiguous if asked); returns the new nodes, the result last."""
     squeezed = graph.call_method("squeeze", (node, 0))
     transposed = graph.call_method("transpose", (squeezed, 0, 1))
-    return graph.call_method("contiguous", (transposed,))
+    if not contiguous:
+        return [squeezed, transposed]
+    return [squeezed, transposed, graph.call_method("contiguous", (transposed,))]
 
 
 def _rewrite(gm: fx.GraphModule, site: AttentionSite, paged: PagedInputs, layer: int) -> None:
@@ -186,8 +188,13 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, paged: PagedInputs, layer:
     k_cache, v_cache = paged.k_caches[layer], paged.v_caches[layer]
     new_nodes = []
     with graph.inserting_before(site.output):
-        q_tok, k_tok, v_tok = (_tokens_major(graph, n) for n in (site.query, site.key, site.value))
-        new_nodes += [n for t in (q_tok, k_tok, v_tok) for n in (t.args[0].args[0], t.args[0], t)]
+        # q and k come out of RoPE, a fresh buffer Inductor can write token-major at no cost. v is a view of the
+        # projection's output (with fused projections, a column slice of the qkv GEMM's): kv_cache_write takes any
+        # token/head strides, and a .contiguous() there would cost a copy kernel per layer.
+        layouts = [_tokens_major(graph, site.query, True), _tokens_major(graph, site.key, True),
+                   _tokens_major(graph, site.value, False)]
+        q_tok, k_tok, v_tok = (nodes[-1] for nodes in layouts)
+        new_nodes += [n for nodes in layouts for n in nodes]
         write = graph.call_function(torch.ops.cinfer.kv_cache_write.default,
                                     (k_tok, v_tok, k_cache, v_cache, paged.slot_mapping))
         attn = graph.call_function(torch.ops.cinfer.paged_attention.default,

@@ -26,6 +26,11 @@ def _assert_rewritten(paged, num_layers: int) -> None:
     assert after["cinfer.fused_add_rms_norm.default"] == 2 * num_layers
     assert after["cinfer.rms_norm.default"] == 1
     assert after["cinfer_graph.bind_paged_inputs.default"] == 0
+    # kv_cache_write takes v as the projection's (strided) view: no copy of it is asked for, only of q and k.
+    for node in paged.graph_module.graph.nodes:
+        if node.target is torch.ops.cinfer.kv_cache_write.default:
+            value = node.args[1]
+            assert not (value.op == "call_method" and value.target == "contiguous"), value.format_node()
     # per layer q/k/v -> one linear, gate/up -> one linear; o_proj, down_proj and lm_head stay
     assert before["linear"] == 7 * num_layers + 1 and after["linear"] == 4 * num_layers + 1
     # HF's causal-mask construction (packed-sequence detection from positions, the mask itself) is dead and gone.
