@@ -242,16 +242,14 @@ def label(cfg: DecodeConfig) -> str:
 
 
 def decode_sweep_candidates() -> list[DecodeConfig]:
-    """Stage 1: 49 configs, not a grid. Chosen from each one's sm_90 compile with triton 3.6 (shared memory,
+    """Stage 1: 41 configs, not a grid. Chosen from each one's sm_90 compile with triton 3.6 (shared memory,
     registers and pipeline schedule, read off the compiled kernels), not from timings:
-    - Pipeline depth first. The K/V loads hang off a block-table load; the pipeliner gives that chain
-      (num_stages - 1) // 2 buffers, so at 2-4 stages (everything tuned so far) a program requests its next tile
-      only after using this one and never overlaps its own loads. 5 stages double-buffer, 7 triple-buffer.
-      Programs per SM (shared memory / registers): bn128 s2 3, bn128 s5 1, bn64 s5 3, bn64 s7 2, bn32 s5 5,
-      bn32 s7 4, bn16 s7 5-7.
-    - kv_gather "page" (one block-table load per page: bn128 s2 needs 128 registers instead of 162), "page3d"
-      (more registers: 2-3 programs per SM), "tma" (16-key steps, one per page; 2-5 buffers at 6-12 stages,
-      17-49 KB of shared memory, ~100 registers).
+    - Pipeline depth: 2 stages and deeper ones (the pipeliner gives the block-table -> K/V load chain
+      (num_stages - 1) // 2 buffers: 5 stages double-buffer, 7 triple-buffer). Programs per SM (shared memory /
+      registers): bn128 s2 3, bn128 s5 1, bn64 s5 3, bn64 s7 2, bn32 s5 5, bn32 s7 4, bn16 s7 5-7. On an H100
+      the sweep found 2 stages as fast as 5-7.
+    - kv_gather "key" and "page" on every tiling ("page": one block-table load per page; bn128 s2 needs 128
+      registers instead of 162).
     - Split sizing, grid order and merges, each on the default tiling and on a double-buffered one.
     """
     def cfg(block_n=128, num_warps=4, num_stages=2, **variant):
@@ -261,8 +259,6 @@ def decode_sweep_candidates() -> list[DecodeConfig]:
     for tiling in [(128, 4, 2), (64, 4, 2), (128, 4, 5), (128, 8, 5), (64, 4, 5), (64, 4, 7), (64, 8, 5),
                    (32, 4, 5), (32, 4, 7), (16, 4, 7)]:
         out += [cfg(*tiling, kv_gather=gather) for gather in ("key", "page")]
-    out += [cfg(*tiling, kv_gather="page3d") for tiling in [(64, 4, 5), (32, 4, 5), (32, 4, 7)]]
-    out += [cfg(16, warps, stages, kv_gather="tma") for warps, stages in [(4, 6), (4, 8), (4, 10), (4, 12), (8, 8), (2, 8)]]
     references = [cfg(), cfg(64, 4, 5, kv_gather="page")]
     for ref in references:
         out += [dataclasses.replace(ref, programs_per_sm=pps) for pps in (2, 4, 8, 32)]

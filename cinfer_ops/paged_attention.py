@@ -58,7 +58,7 @@ def paged_attention_reference(query: Tensor, k_cache: Tensor, v_cache: Tensor, b
 _LOG2E = 1.4426950408889634
 
 
-KV_GATHERS = ("key", "page", "page3d", "tma")
+KV_GATHERS = ("key", "page")
 GRID_ORDERS = ("token", "head", "split")
 MERGES = ("head", "group", "fused")
 
@@ -67,10 +67,8 @@ MERGES = ("head", "group", "fused")
 class DecodeConfig:
     """The split-KV decode kernel's tiling, split sizing and structural variants.
 
-    Tiling: ``block_n`` keys per step (a power of two >= 16), ``num_warps``, ``num_stages``. The K/V loads hang off
-    a block-table load, and Triton's pipeliner gives that chain (num_stages - 1) // 2 shared-memory buffers per
-    operand (seen in triton 3.6's sm_90 output): below 5 stages the next tile is requested only once this one is
-    consumed, so a program never overlaps its own loads and only the other programs on the SM hide the latency.
+    Tiling: ``block_n`` keys per step (a power of two >= 16), ``num_warps``, ``num_stages``. On an H100 the
+    --decode-sweep found 2 stages as fast as 5-7 (the default uses 2).
 
     Split sizing, from shapes only (CUDA-graph safe): ``partition_size`` keys per split, or None to size it from the
     grid: aim for ``programs_per_sm`` (token, kv_head, split) programs per SM, but no partition shorter than
@@ -79,9 +77,7 @@ class DecodeConfig:
 
     Variants (the defaults are the original kernel):
     - ``kv_gather``: how a tile's K/V rows are found. "key": one block-table load per key. "page": one per page,
-      broadcast to the page's keys. "page3d": also loads K/V as [pages, block_size, head_dim] tiles, so each
-      thread's rows share few pages. "tma": one TMA descriptor load per page and step of min(block_n, block_size)
-      keys, no per-element address arithmetic (Hopper or newer, contiguous caches, block_size >= 16; "page" otherwise).
+      broadcast to the page's keys.
     - ``grid_order``: the grid's fastest axis. "token" (then kv head, then split). "head": the kv heads of one
       token run side by side, so each page's rows (all kv heads) are read at about the same time. "split": the
       splits of one (token, kv head) run side by side and finish together.
@@ -169,7 +165,7 @@ def _count_le(qsl_ptr, x, k_lo, k_hi, DIV: tl.constexpr, ADD_INDEX: tl.constexpr
 
 
 @triton.jit
-def _attend_block(q, m_i, l_i, acc, k_src, v_src, block_table_ptr, kv_head_offset, n0, kv_stop,
+def _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, n0, kv_stop,
                   row_limit, qk_scale, stride_cb, stride_cs,
                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                   MASK_KV: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -181,68 +177,35 @@ def _attend_block(q, m_i, l_i, acc, k_src, v_src, block_table_ptr, kv_head_offse
     # UPCAST_DOT: feed the dots fp32 copies of 16-bit operands (exact products, so the same arithmetic); Triton's
     # interpreter multiplies bf16 dot operands as raw bits (seen with triton 3.9). INT64_OFFSETS: cache offsets
     # need 64 bits; 32-bit address arithmetic is cheaper in the hot loop when the cache is small enough.
-    # KV_GATHER (DecodeConfig.kv_gather): 0 one block-table load per key; 1 one per page, broadcast to its keys;
-    # 2 that plus [pages, BLOCK_SIZE, D_PAD] K/V tiles; 3 k_src/v_src are TMA descriptors over the caches viewed
-    # as [slots, kv_heads * head_dim], kv_head_offset is the column, and the tile lies in one page.
+    # KV_GATHER (DecodeConfig.kv_gather): 0 one block-table load per key; 1 one per page, broadcast to its keys.
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     kv_ok = offs_n < kv_stop
-    if KV_GATHER == 3:
-        page = tl.load(block_table_ptr + n0 // BLOCK_SIZE)
-        row = page * BLOCK_SIZE + n0 % BLOCK_SIZE
-        # Columns past HEAD_DIM hold the next kv head's values (finite: a slot is written for all heads) or, for
-        # the last head, zeros; q is zero there, and those output columns are never stored.
-        k = k_src.load([row, kv_head_offset])
-        v = v_src.load([row, kv_head_offset])
+    if KV_GATHER == 0:
         if MASK_KV:
-            v = tl.where(kv_ok[:, None], v, 0.0)  # slots past the context may be NaN, and 0 * NaN is NaN
-    elif (KV_GATHER == 2) and (BLOCK_N > BLOCK_SIZE):
+            block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=kv_ok, other=0)
+        else:
+            block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
+    elif BLOCK_N > BLOCK_SIZE:
         offs_p = n0 // BLOCK_SIZE + tl.arange(0, BLOCK_N // BLOCK_SIZE)
-        offs_s = tl.arange(0, BLOCK_SIZE)
         if MASK_KV:
             pages = tl.load(block_table_ptr + offs_p, mask=offs_p * BLOCK_SIZE < kv_stop, other=0)
         else:
             pages = tl.load(block_table_ptr + offs_p)
-        if INT64_OFFSETS:
-            pages = pages.to(tl.int64)
-        rows = pages[:, None] * stride_cb + offs_s[None, :] * stride_cs + kv_head_offset
-        offsets = rows[:, :, None] + offs_d[None, None, :]
-        if MASK_KV or D_PAD != HEAD_DIM:
-            key_ok = (offs_p[:, None] * BLOCK_SIZE + offs_s[None, :]) < kv_stop
-            mask = key_ok[:, :, None] & (offs_d < HEAD_DIM)[None, None, :]
-            k = tl.load(k_src + offsets, mask=mask, other=0.0)
-            v = tl.load(v_src + offsets, mask=mask, other=0.0)
-        else:
-            k = tl.load(k_src + offsets)
-            v = tl.load(v_src + offsets)
-        k = tl.reshape(k, [BLOCK_N, D_PAD])
-        v = tl.reshape(v, [BLOCK_N, D_PAD])
+        block = tl.reshape(tl.broadcast_to(pages[:, None], [BLOCK_N // BLOCK_SIZE, BLOCK_SIZE]), [BLOCK_N])
     else:
-        if KV_GATHER == 0:
-            if MASK_KV:
-                block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=kv_ok, other=0)
-            else:
-                block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
-        elif BLOCK_N > BLOCK_SIZE:
-            offs_p = n0 // BLOCK_SIZE + tl.arange(0, BLOCK_N // BLOCK_SIZE)
-            if MASK_KV:
-                pages = tl.load(block_table_ptr + offs_p, mask=offs_p * BLOCK_SIZE < kv_stop, other=0)
-            else:
-                pages = tl.load(block_table_ptr + offs_p)
-            block = tl.reshape(tl.broadcast_to(pages[:, None], [BLOCK_N // BLOCK_SIZE, BLOCK_SIZE]), [BLOCK_N])
-        else:
-            block = tl.load(block_table_ptr + n0 // BLOCK_SIZE)  # the whole tile lies in one page
-        if INT64_OFFSETS:
-            block = block.to(tl.int64)
-        rows = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head_offset
-        offsets = rows[:, None] + offs_d[None, :]
-        if MASK_KV or D_PAD != HEAD_DIM:
-            mask = kv_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-            k = tl.load(k_src + offsets, mask=mask, other=0.0)
-            v = tl.load(v_src + offsets, mask=mask, other=0.0)
-        else:
-            k = tl.load(k_src + offsets)
-            v = tl.load(v_src + offsets)
+        block = tl.load(block_table_ptr + n0 // BLOCK_SIZE)  # the whole tile lies in one page
+    if INT64_OFFSETS:
+        block = block.to(tl.int64)
+    rows = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head_offset
+    offsets = rows[:, None] + offs_d[None, :]
+    if MASK_KV or D_PAD != HEAD_DIM:
+        mask = kv_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=mask, other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=mask, other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + offsets)
+        v = tl.load(v_cache_ptr + offsets)
     if UPCAST_DOT:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
     else:
@@ -313,7 +276,7 @@ def _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_splits
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_src, v_src, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, merge_count_ptr,
     qk_scale, batch, num_tokens, num_kv_heads, num_heads, num_splits, partition_size,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
@@ -373,9 +336,7 @@ def _decode_kernel(
     if kv_start < kv_len:
         q = tl.load(q_ptr + token64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
         block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-        if KV_GATHER == 3:
-            kv_head_offset = kv_head * HEAD_DIM  # a column of the TMA descriptors
-        elif INT64_OFFSETS:
+        if INT64_OFFSETS:
             kv_head_offset = kv_head.to(tl.int64) * stride_ch
         else:
             kv_head_offset = kv_head * stride_ch
@@ -384,12 +345,12 @@ def _decode_kernel(
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
         full_stop = kv_start + (kv_stop - kv_start) // BLOCK_N * BLOCK_N
         for n0 in range(kv_start, full_stop, BLOCK_N):
-            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_src, v_src, block_table_ptr, kv_head_offset,
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
                                           n0, kv_stop, m_i, qk_scale, stride_cb, stride_cs,
                                           BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, False, DOT_PRECISION, UPCAST_DOT,
                                           INT64_OFFSETS, KV_GATHER)
         for n0 in range(full_stop, kv_stop, BLOCK_N):  # the ragged last tile, if any
-            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_src, v_src, block_table_ptr, kv_head_offset,
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
                                           n0, kv_stop, m_i, qk_scale, stride_cb, stride_cs,
                                           BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, False, DOT_PRECISION, UPCAST_DOT,
                                           INT64_OFFSETS, KV_GATHER)
@@ -561,13 +522,6 @@ def _pick(configs: dict, d_pad: int):
     return configs[min((k for k in configs if k >= d_pad), default=max(configs))]
 
 
-@functools.lru_cache(maxsize=None)
-def _has_tma(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 9
-    return True  # the interpreter emulates tensor descriptors
-
-
 def _decode_partition(programs: int, max_context: int, cfg: DecodeConfig, num_sms: int) -> int:
     """Keys per split (a multiple of cfg.block_n), from shapes only: cfg.partition_size, or enough
     (token, kv_head, split) programs for about cfg.programs_per_sm per SM within cfg's split limits."""
@@ -586,20 +540,6 @@ def _merge_chunk(gm_pad: int, d_pad: int) -> int:
     return min(16, 1 << (chunk.bit_length() - 1))
 
 
-def _tma_descriptors(k_cache: Tensor, v_cache: Tensor, rows: int, d_pad: int):
-    """TMA descriptors over the caches viewed as [slots, kv_heads * head_dim], loading [rows, d_pad] boxes;
-    None where TMA does not apply (no TMA unit, a non-contiguous or misaligned cache, rows below tl.dot's 16)."""
-    usable = (rows >= 16 and _has_tma(k_cache.device) and k_cache.is_contiguous() and v_cache.is_contiguous()
-              and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0)
-    if not usable:
-        return None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    slots, width = k_cache.shape[0] * k_cache.shape[1], k_cache.shape[2] * k_cache.shape[3]
-    return tuple(TensorDescriptor(c.view(slots, width), [slots, width], [width, 1], [rows, d_pad])
-                 for c in (k_cache, v_cache))
-
-
 def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                    query_start_loc: Tensor, out: Tensor, cfg: DecodeConfig, qk_scale: float, **kernel_flags) -> None:
     """The split-KV kernel (and the merge of its splits) into out; kernel_flags: constexprs shared with prefill."""
@@ -612,16 +552,6 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
     partition = _decode_partition(batch * kv_heads, max_context, cfg, _num_sms(query.device))
     num_splits = triton.cdiv(max_context, partition)
     split = num_splits > 1
-
-    kv_gather, block_n, k_src, v_src = cfg.kv_gather, cfg.block_n, k_cache, v_cache
-    if kv_gather == "tma":
-        # A step is one page at most; partition is a multiple of block_n, so of the step too.
-        descriptors = _tma_descriptors(k_cache, v_cache, min(block_n, block_size), d_pad)
-        if descriptors is None:
-            kv_gather = "page"
-        else:
-            block_n = min(block_n, block_size)
-            k_src, v_src = descriptors
     fused = cfg.merge == "fused"
     gm_pad = max(triton.next_power_of_2(group), 2)
     part_out = part_lse = merge_count = None
@@ -635,13 +565,13 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
     else:
         grid = (num_tokens * kv_heads * num_splits,)
     _decode_kernel[grid](
-        query, k_src, v_src, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, merge_count,
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, merge_count,
         qk_scale, batch, num_tokens, kv_heads, num_heads, num_splits, partition,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), GM_PAD=gm_pad, HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=split,
-        GRID_ORDER=GRID_ORDERS.index(cfg.grid_order), KV_GATHER=KV_GATHERS.index(kv_gather),
+        BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, SPLIT=split,
+        GRID_ORDER=GRID_ORDERS.index(cfg.grid_order), KV_GATHER=KV_GATHERS.index(cfg.kv_gather),
         MERGE=MERGES.index(cfg.merge), DIRECT=cfg.direct_single_split or fused,
         MERGE_CHUNK=_merge_chunk(gm_pad, d_pad),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kernel_flags,

@@ -30,8 +30,6 @@ SMALL_DECODE_PARTITIONS = [16, 32, 48]
 DECODE_VARIANTS = [
     {},
     dict(kv_gather="page"),
-    dict(kv_gather="page3d"),
-    dict(kv_gather="tma"),
     dict(grid_order="head"),
     dict(grid_order="split"),
     dict(merge="group"),
@@ -223,28 +221,6 @@ def test_split_kv_kernel_many_splits(dtype, int64_offsets, variant, monkeypatch)
     check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
 
 
-@pytest.mark.parametrize("block_size,block_n", [(16, 16), (16, 32), (32, 16)])
-@pytest.mark.parametrize("head_dim", [80, 128])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_split_kv_kernel_tma_pages(dtype, head_dim, block_size, block_n, monkeypatch):
-    # TMA boxes of min(block_n, block_size) rows: a whole page, or part of one. Head_dim 80 loads 128 columns:
-    # the next kv head's values, and zeros past the last head. Contexts end mid-page, next to NaN slots.
-    made = []
-    real = paged_attention_module._tma_descriptors
-
-    def spy(*args):  # the launcher falls back to "page" silently when TMA does not apply: check it did not
-        made.append(real(*args))
-        return made[-1]
-
-    monkeypatch.setattr(paged_attention_module, "_tma_descriptors", spy)
-    case = Case(q_lens=[1] * 4, seq_lens=[1, 31, 70, 96], num_kv_heads=2, group=3, head_dim=head_dim,
-                block_size=block_size, dtype=dtype, seed=17)
-    args = build(case, TRITON_DEVICE)
-    cfg = DecodeConfig(block_n, 4, 2, partition_size=32, kv_gather="tma")
-    check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
-    assert made and made[0] is not None
-
-
 @pytest.mark.parametrize("merge", ["group", "fused"])
 def test_split_kv_group_merge_in_several_steps(merge, monkeypatch):
     # The group merges read [heads, splits, head_dim] tiles; a small tile budget makes them take 2 splits per
@@ -362,12 +338,12 @@ def test_split_kv_variants_cuda(case, block_n, num_stages, variant, partition):
 GRAPH_DECODE_CONFIGS = [
     None,
     DecodeConfig(64, 4, 5, kv_gather="page", merge="fused", grid_order="split", programs_per_sm=8),
-    DecodeConfig(128, 4, 8, kv_gather="tma", merge="group", direct_single_split=True, grid_order="head"),
+    DecodeConfig(128, 4, 2, merge="group", direct_single_split=True, grid_order="head"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode_config", GRAPH_DECODE_CONFIGS, ids=["default", "fused", "tma-group"])
+@pytest.mark.parametrize("decode_config", GRAPH_DECODE_CONFIGS, ids=["default", "fused", "group-direct"])
 @pytest.mark.parametrize("first,second", [
     (([1] * 6, [500, 31, 1200, 16, 7, 64]), ([1] * 6, [33, 900, 2, 1100, 640, 129])),  # decode, split-KV
     (([50, 1, 20], [300, 17, 20]), ([10, 10, 51], [10, 100, 61])),  # mixed prefill, same token count
