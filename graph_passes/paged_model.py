@@ -36,6 +36,9 @@ would otherwise cause recompiles, and both are handled here, so the runtime need
 - duck sizing: dims that happen to be equal at the first call would share one symbol and later unequal sizes
   would recompile; the compiled call runs with duck sizing off.
 
+The caches' block count is dynamic too (it follows free device memory, which differs between processes), so
+the same model and engine settings give the same graph, and a restart reuses Inductor's on-disk caches.
+
 So after the first (warm-up) call, any ``[1, N]`` step with any batch composition runs the same graph, without
 recompiling. Changing dtype/device of the inputs, grad mode, or the number of caches does recompile.
 
@@ -145,6 +148,10 @@ class PagedModel:
         self.model = model
         self.k_caches = list(k_caches)
         self.v_caches = list(v_caches)
+        for cache in self.k_caches + self.v_caches:
+            # The number of blocks follows free device memory, so it differs between processes; as a symbol
+            # it stays out of the compiled graph, and a restart hits Inductor's caches instead of recompiling.
+            torch._dynamo.maybe_mark_dynamic(cache, 0)
         self.inner_backend = inner_backend
         self.report: dict[str, int] = {}
         self.graph_module: fx.GraphModule | None = None

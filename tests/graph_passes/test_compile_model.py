@@ -3,11 +3,12 @@ import logging
 
 import pytest
 import torch
+from torch._inductor.utils import fresh_inductor_cache
 from transformers import AttentionInterface
 
 from graph_passes import GraphRewriteError, compile_model
 from graph_passes.fx_utils import op_counts
-from tests.graph_passes.tiny_models import VARIANTS, PagedDriver, make_caches, make_model, run_scenario
+from tests.graph_passes.tiny_models import NUM_BLOCKS, VARIANTS, PagedDriver, make_caches, make_model, run_scenario
 from tests.tolerances import LOGITS
 
 
@@ -55,9 +56,17 @@ def test_logits_match_hf_eager_bf16():
 
 def test_inductor_end_to_end():
     model = make_model("llama3_gqa_rope_scaling", num_hidden_layers=1)
-    paged = compile_model(model, *make_caches(model), inner_backend="inductor")
-    run_scenario(model, paged, LOGITS)
-    _assert_rewritten(paged, 1)
+    counters = torch._dynamo.utils.counters  # read at each use: Dynamo may swap its inner dicts
+    with fresh_inductor_cache():  # an empty on-disk cache: the second compile hits only an identical graph
+        paged = compile_model(model, *make_caches(model), inner_backend="inductor")
+        run_scenario(model, paged, LOGITS)
+        _assert_rewritten(paged, 1)
+        # A cache of another size (as free memory gives after a restart) compiles to the same Inductor graph.
+        hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+        resized = compile_model(model, *make_caches(model, num_blocks=NUM_BLOCKS + 7), inner_backend="inductor")
+        run_scenario(model, resized, LOGITS)
+    assert counters["inductor"]["fxgraph_cache_hit"] == hits + 1
+    assert counters["inductor"]["fxgraph_cache_miss"] == misses
 
 
 def test_new_batch_compositions_do_not_recompile():
