@@ -90,3 +90,14 @@ def prompts(model):
 def reference(model, prompts):
     """HF greedy continuations, computed before any engine touches the model."""
     return [hf_greedy(model, p, m) for p, m in zip(prompts, MAX_TOKENS)]
+
+
+# The GPU tests' shared bf16 model and prompts (one model per session: building it is the slow part).
+@pytest.fixture(scope="session")
+def gpu_model():
+    return gpu_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def gpu_prompts(gpu_model):
+    return make_prompts(gpu_model.config.vocab_size, lens=PROMPT_LENS * 2, seed=3)

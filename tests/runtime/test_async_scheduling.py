@@ -23,8 +23,7 @@ from cinfer_runtime.sampler import Sampler
 from cinfer_runtime.scheduler import Scheduler
 from cinfer_runtime.sequence import Sequence
 
-from .conftest import (MAX_TOKENS, PROMPT_LENS, assert_same_or_tie, gpu_margin, gpu_tiny_llama, hf_greedy,
-                       make_prompts)
+from .conftest import MAX_TOKENS, PROMPT_LENS, assert_same_or_tie, gpu_margin, hf_greedy, make_prompts
 
 BLOCK_SIZE = 8
 EOS = 2  # LlamaConfig's default eos_token_id
@@ -362,16 +361,6 @@ def test_runner_takes_continuation_tokens_from_the_device():
 
 
 # ------------------------------------------------------------------------------------------------ GPU (bf16)
-@pytest.fixture(scope="module")
-def gpu_model():
-    return gpu_tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def gpu_prompts(gpu_model):
-    return make_prompts(gpu_model.config.vocab_size, lens=PROMPT_LENS * 2, seed=3)
-
-
 @pytest.fixture(scope="module")
 def gpu_reference(gpu_model, gpu_prompts):
     return [hf_greedy(gpu_model, p, 24) for p in gpu_prompts]
