@@ -7,12 +7,14 @@ size. Reports output tokens/s, time per output token (TPOT), time to first token
 (compile + CUDA-graph capture), plus the batch-1 roofline: weight bytes / copy bandwidth measured in this run.
 
 Peers: ``cinfer`` (the defaults: on a GPU, async scheduling launches the next decode step before the previous
-step's tokens are read), ``cinfer_sync`` (``async_scheduling=False``), ``hf_static``, ``hf_eager``. Each cinfer engine gets a KV cache sized
+step's tokens are read), ``cinfer_sync`` (``async_scheduling=False``), ``cinfer_cublas`` (every linear on cuBLAS,
+not the streaming kernel of ``cinfer_ops.linear``), ``hf_static``, ``hf_eager``. Each cinfer engine gets a KV cache sized
 for the workload (twice the largest batch's tokens), not from free memory: a deleted engine's cache is not
 returned to the device (its compiled graph keeps it alive), so the second engine of the run must fit beside it.
 """
 import argparse
 import gc
+import importlib
 import os
 import time
 
@@ -20,6 +22,8 @@ import torch
 
 from benchmarks.common import copy_bandwidth_gbps, device_info, print_table, write_json
 from benchmarks.models import load_model, weight_bytes
+
+linear_op = importlib.import_module("cinfer_ops.linear")  # the module (the package's ``linear`` is the op)
 
 
 def _sync():
@@ -58,7 +62,8 @@ def bench_hf(model, prompts: torch.Tensor, new_tokens: int, static: bool) -> tup
     return total_s, ttft_s, startup_s if static else 0.0
 
 
-CINFER_PEERS = {"cinfer": None, "cinfer_sync": False}  # peer -> async_scheduling (None: the default)
+# peer -> (async_scheduling (None: the default), few-row linears on the streaming kernel (False: all on cuBLAS))
+CINFER_PEERS = {"cinfer": (None, True), "cinfer_sync": (False, True), "cinfer_cublas": (None, False)}
 BLOCK_SIZE = 16
 
 
@@ -109,7 +114,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--peers", default="cinfer,hf_static,hf_eager",
-                    help="comma list of cinfer, cinfer_sync, hf_static, hf_eager")
+                    help="comma list of cinfer, cinfer_sync, cinfer_cublas, hf_static, hf_eager")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -136,9 +141,15 @@ def main():
             prompts = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
             try:
                 if peer in CINFER_PEERS:
-                    total, ttft, startup, engine = bench_cinfer(
-                        model, prompts, args.new_tokens, max(batches), engine, async_scheduling=CINFER_PEERS[peer],
-                        max_tokens_per_seq=args.prompt_len + args.new_tokens)
+                    async_scheduling, stream_linear = CINFER_PEERS[peer]
+                    saved = linear_op.LINEAR_CONFIGS
+                    try:  # the op picks its kernel when a step runs or a CUDA graph is captured
+                        linear_op.LINEAR_CONFIGS = saved if stream_linear else []
+                        total, ttft, startup, engine = bench_cinfer(
+                            model, prompts, args.new_tokens, max(batches), engine, async_scheduling=async_scheduling,
+                            max_tokens_per_seq=args.prompt_len + args.new_tokens)
+                    finally:
+                        linear_op.LINEAR_CONFIGS = saved
                     if args.profile:
                         profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_{peer}.txt")
                     if startup == 0.0:
@@ -172,9 +183,12 @@ def main():
         sync = by.get(("cinfer_sync", r["batch"]))
         if r["peer"] == "cinfer" and sync and "tok_s" in r and "tok_s" in sync:
             r["x_cinfer_sync"] = r["tok_s"] / sync["tok_s"]
+        cublas = by.get(("cinfer_cublas", r["batch"]))
+        if r["peer"] == "cinfer" and cublas and "tok_s" in r and "tok_s" in cublas:
+            r["x_cinfer_cublas"] = r["tok_s"] / cublas["tok_s"]
     print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "compile_s", "cuda_graphs_s",
                        "pct_roofline", "x_hf_static",
-                       "x_cinfer_sync", "overlapped_steps", "error"])
+                       "x_cinfer_sync", "x_cinfer_cublas", "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_generate_{args.model.replace('/', '_')}.json",
                dict(info=info, copy_gbps=bw, weight_bytes=wbytes, roofline_tok_s=roofline, args=vars(args), rows=rows))
 

@@ -7,6 +7,8 @@ Order (each pass is a plain ``GraphModule -> int`` function in its own module):
 3. ``fused_add_rms_norm``  (``fused_add_rms_norm_pass.fuse_add_rms_norm``) -- needs 2's ``cinfer.rms_norm`` nodes
 4. ``fuse_projections``    (``fuse_projections_pass.fuse_projections``)    -- needs the real weights
    (``example_inputs``); stacks q/k/v and gate/up, re-pointing the fused parameters' ``.data`` into the stacks
+5. ``linear``              (``linear_pass.route_linears``)                 -- after 4, so fused projections are
+   included; ``F.linear`` -> ``cinfer.linear`` (a streaming kernel for few-row steps on the GPU)
 
 For a paged graph the attention pass must rewrite exactly one site per layer, otherwise ``GraphRewriteError``
 names the model class, the pattern and why each candidate was rejected: there is no silent eager fallback.
@@ -20,12 +22,13 @@ from graph_passes.errors import GraphRewriteError
 from graph_passes.fuse_projections_pass import fuse_projections
 from graph_passes.fused_add_rms_norm_pass import fuse_add_rms_norm
 from graph_passes.fx_utils import is_op
+from graph_passes.linear_pass import route_linears
 from graph_passes.paged_inputs import PagedInputs
 from graph_passes.rms_norm_pass import fuse_rms_norm
 
 logger = logging.getLogger(__name__)
 
-PASS_ORDER = ("attention", "rms_norm", "fused_add_rms_norm", "fuse_projections")
+PASS_ORDER = ("attention", "rms_norm", "fused_add_rms_norm", "fuse_projections", "linear")
 
 
 def model_class_name(gm: fx.GraphModule) -> str:
@@ -75,6 +78,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: list | None = None, *, num_la
     report["rms_norm"] = fuse_rms_norm(gm)
     report["fused_add_rms_norm"] = fuse_add_rms_norm(gm)
     report["fuse_projections"] = fuse_projections(gm, example_inputs)
+    report["linear"] = route_linears(gm)
     gm.graph.lint()
     logger.info("%s: graph passes rewrote %s", model_name, ", ".join(f"{k}={v}" for k, v in report.items()))
     return report

@@ -25,3 +25,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, table: dict, dtyp
     atol, rtol = table[dtype]
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol, msg=msg or None,
                                equal_nan=False)
+# A dot product: the output's rounding plus fp32 accumulation over K (small K in tests).
+MATMUL = {
+    torch.float32: (2e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}

@@ -15,7 +15,8 @@ from tests.tolerances import LOGITS
 def _assert_rewritten(paged, num_layers: int) -> None:
     """Exact op counts of the graph handed to the inner backend."""
     assert paged.report == {"attention": num_layers, "rms_norm": 2 * num_layers + 1,
-                            "fused_add_rms_norm": 2 * num_layers, "fuse_projections": 2 * num_layers}
+                            "fused_add_rms_norm": 2 * num_layers, "fuse_projections": 2 * num_layers,
+                            "linear": 4 * num_layers + 1}
     before, after = paged.ops_before, op_counts(paged.graph_module)
     assert before["rsqrt"] == 2 * num_layers + 1
     assert before["sdpa"] + before["softmax"] == num_layers
@@ -32,8 +33,9 @@ def _assert_rewritten(paged, num_layers: int) -> None:
         if node.target is torch.ops.cinfer.kv_cache_write.default:
             value = node.args[1]
             assert not (value.op == "call_method" and value.target == "contiguous"), value.format_node()
-    # per layer q/k/v -> one linear, gate/up -> one linear; o_proj, down_proj and lm_head stay
-    assert before["linear"] == 7 * num_layers + 1 and after["linear"] == 4 * num_layers + 1
+    # per layer q/k/v -> one linear, gate/up -> one linear; o_proj, down_proj and lm_head stay; all become cinfer.linear
+    assert before["linear"] == 7 * num_layers + 1 and after["linear"] == 0
+    assert after["cinfer.linear.default"] == 4 * num_layers + 1
     # HF's causal-mask construction (packed-sequence detection from positions, the mask itself) is dead and gone.
     assert after["diff"] == 0 and after["cumsum"] == 0
     assert not [n.name for n in paged.graph_module.graph.nodes if "mask" in n.name]

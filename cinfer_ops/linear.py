@@ -1,0 +1,152 @@
+"""``cinfer::linear``: ``F.linear`` whose few-row (decode) case runs a weight-streaming Triton kernel.
+
+At decode every projection is a GEMV-shaped GEMM: ``M`` (the step's tokens, 1-16) rows against a weight of tens or
+hundreds of MB, so the kernel's only job is to stream the weight at copy bandwidth. cuBLAS picks split-K kernels
+for these shapes (plus a reduce kernel) and measured 76-89% of copy bandwidth on an H100 for the Llama-3-8B
+projections. The kernel here gives each program ``BLOCK_N`` whole weight rows, streams them along K through a
+``NUM_STAGES``-deep pipeline and multiplies with tensor cores against the ``M`` rows of ``x`` padded to ``BLOCK_M``
+(the operands swapped: ``out^T = W @ x^T``, so the weight is the row-major A operand). There is no split-K and
+no second kernel; each output element is one program's fp32 dot product, rounded once.
+
+Larger ``M`` (prefill, big decode batches) is compute-bound or close to it and stays with cuBLAS: the op's CUDA
+implementation chooses per call, from ``LINEAR_CONFIGS``, so the choice is made at CUDA-graph capture and costs
+nothing at replay.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Rows of x up to which the streaming kernel runs (tensor-core tile height); above it, cuBLAS.
+MAX_STREAM_ROWS = 16
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    block_n: int = 16       # weight rows per program
+    block_k: int = 512      # K elements per pipeline stage
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+# (max_rows, config): the first entry whose max_rows >= M wins; M above the last entry runs cuBLAS.
+# Chosen by benchmarks/tune_linear.py on an H100 (see benchmarks/RESULTS.md).
+LINEAR_CONFIGS: list[tuple[int, LinearConfig]] = [
+    (MAX_STREAM_ROWS, LinearConfig()),
+]
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` in x's dtype: the CPU implementation and the large-M CUDA path."""
+    return F.linear(x, weight, bias)
+
+
+def pick_linear_config(rows: int) -> LinearConfig | None:
+    for max_rows, config in LINEAR_CONFIGS:
+        if rows <= max_rows:
+            return config
+    return None
+
+
+@triton.jit
+def _stream_linear_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr,
+):
+    # The K loop is software-pipelined num_stages deep (a launch option).
+    # Program p computes out[:, p*BLOCK_N : (p+1)*BLOCK_N] as (W[rows] @ x^T)^T. Weight rows past N (the last
+    # program) and x rows past M load as zero and are never stored.
+    rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_m = tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    n_ok = rows_n < N
+    m_ok = rows_m < M
+    w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]        # [BLOCK_N, BLOCK_K]
+    x_ptrs = x_ptr + rows_m.to(tl.int64)[None, :] * stride_xm + ks[:, None]        # [BLOCK_K, BLOCK_M]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
+        else:
+            k_ok = (k0 + ks) < K
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST_DOT:  # Triton's interpreter multiplies bf16 dot operands as raw bits (triton 3.9)
+            acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+        elif FP32_IEEE:  # fp32 operands: full fp32 products, as F.linear (no tf32)
+            acc = tl.dot(w, x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, x, acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + rows_m.to(tl.int64)[None, :] * stride_om + rows_n[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
+
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)}: last dim must equal weight's in_features {weight.shape[1]}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
+
+
+def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                         config: LinearConfig | None = None) -> Tensor:
+    """The streaming kernel for x: [..., K] with at most ``MAX_STREAM_ROWS`` rows, weight [N, K] (unit stride along
+    K), bias [N] or None; one dtype of bf16/fp16/fp32. Returns a contiguous [..., N]."""
+    _check(x, weight, bias)
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m > MAX_STREAM_ROWS:
+        raise ValueError(f"the streaming kernel takes at most {MAX_STREAM_ROWS} rows, got {m}")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m and n:
+        config = config or pick_linear_config(m) or LinearConfig()
+        _stream_linear_kernel[(triton.cdiv(n, config.block_n),)](
+            x2, weight, bias if bias is not None else weight, out, m, n, k,
+            x2.stride(0), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            EVEN_K=k % config.block_k == 0, UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
+            FP32_IEEE=x.dtype == torch.float32,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return out.view(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("cinfer::linear", mutates_args=(), device_types="cpu")
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)``. x: [..., in_features]; weight: [out_features, in_features]; bias:
+    [out_features] or None. Returns a contiguous [..., out_features] in x.dtype."""
+    return linear_reference(x, weight, bias).contiguous()
+
+
+@linear.register_kernel("cuda")
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    rows = x.numel() // max(x.shape[-1], 1)
+    config = pick_linear_config(rows)
+    if config is None or x.dtype not in _DTYPES or weight.stride(-1) != 1:
+        return linear_reference(x, weight, bias).contiguous()
+    return linear_stream_triton(x, weight, bias, config=config)
+
+
+@linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

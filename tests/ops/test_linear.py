@@ -1,0 +1,110 @@
+"""cinfer::linear and its streaming Triton kernel against an independent float64 reference.
+
+Inputs are random and never zero. The x rows and weight rows the kernel must not read (past M, past N, the padding
+between strided weight rows) are NaN: a single read of one would poison an output.
+"""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from cinfer_ops.linear import (LINEAR_CONFIGS, MAX_STREAM_ROWS, LinearConfig, linear_stream_triton,
+                               pick_linear_config)
+from tests.conftest import HAS_CUDA, TRITON_DEVICE
+from tests.tolerances import MATMUL, assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+OP_DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
+
+
+def nonzero(gen: torch.Generator, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """Random signs times magnitudes in [0.1, 1)."""
+    magnitude = torch.empty(shape, dtype=torch.float64).uniform_(0.1, 1.0, generator=gen)
+    sign = torch.randint(0, 2, shape, generator=gen, dtype=torch.float64) * 2 - 1
+    return (sign * magnitude).to(dtype)
+
+
+def poisoned_operands(gen, m, n, k, dtype, bias, row_pad, device):
+    """x [m, k] and weight [n, k] as views of NaN-filled buffers: x is followed by NaN rows, the weight has
+    ``row_pad`` NaN columns after each row and NaN rows after its last; bias (if any) is followed by NaN."""
+    x_buf = torch.full((m + 3, k), float("nan"), dtype=dtype)
+    x_buf[:m] = nonzero(gen, (m, k), dtype)
+    w_buf = torch.full((n + 5, k + row_pad), float("nan"), dtype=dtype)
+    w_buf[:n, :k] = nonzero(gen, (n, k), dtype)
+    b = None
+    if bias:
+        b_buf = torch.full((n + 7,), float("nan"), dtype=dtype)
+        b_buf[:n] = nonzero(gen, (n,), dtype)
+        b = b_buf.to(device)[:n]
+    return x_buf.to(device)[:m], w_buf.to(device)[:n, :k], b
+
+
+def linear_f64(x, w, b):
+    out = x.double() @ w.double().T
+    return out + b.double() if b is not None else out
+
+
+configs = st.builds(LinearConfig, block_n=st.sampled_from([16, 32, 64]), block_k=st.sampled_from([16, 32, 64]),
+                    num_warps=st.sampled_from([1, 2, 4]), num_stages=st.sampled_from([1, 2, 3]))
+
+
+@given(m=st.integers(1, MAX_STREAM_ROWS), n=st.one_of(st.integers(1, 150), st.sampled_from([16, 64, 96])),
+       k=st.one_of(st.integers(1, 200), st.sampled_from([32, 64, 128])), dtype=st.sampled_from(DTYPES),
+       bias=st.booleans(), row_pad=st.sampled_from([0, 8]), config=configs, seed=st.integers(0, 2**31 - 1))
+def test_stream_kernel_matches_float64_reference(m, n, k, dtype, bias, row_pad, config, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, w, b = poisoned_operands(gen, m, n, k, dtype, bias, row_pad, TRITON_DEVICE)
+    out = linear_stream_triton(x, w, b, config=config)
+    assert out.shape == (m, n) and out.dtype == dtype and out.is_contiguous()
+    assert_close(out, linear_f64(x, w, b), MATMUL, dtype, msg=f"{config}")
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+@pytest.mark.parametrize("m", [1, 2, MAX_STREAM_ROWS, MAX_STREAM_ROWS + 1, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_op_matches_float64_reference(device, m, dtype):
+    """The registered op on both sides of the streaming kernel's row limit, with a leading batch dim as in the
+    compiled HF graph ([1, tokens, hidden])."""
+    gen = torch.Generator().manual_seed(m)
+    n, k = 72, 136
+    x, w, b = poisoned_operands(gen, m, n, k, dtype, True, 8, device)
+    out = torch.ops.cinfer.linear(x[None], w, b)
+    assert out.shape == (1, m, n) and out.dtype == dtype and out.is_contiguous()
+    assert_close(out[0], linear_f64(x, w, b), MATMUL, dtype)
+    out = torch.ops.cinfer.linear(x, w, None)
+    assert_close(out, linear_f64(x, w, None), MATMUL, dtype)
+
+
+def test_zero_rows():
+    w = torch.randn(8, 16)
+    assert linear_stream_triton(torch.empty(0, 16, device=TRITON_DEVICE), w.to(TRITON_DEVICE)).shape == (0, 8)
+    assert torch.ops.cinfer.linear(torch.empty(2, 0, 16), w, None).shape == (2, 0, 8)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    for device in OP_DEVICES:
+        x, w, b = poisoned_operands(gen, 3, 24, 40, torch.float32, True, 0, device)
+        torch.library.opcheck(torch.ops.cinfer.linear.default, (x, w, b))
+        torch.library.opcheck(torch.ops.cinfer.linear.default, (x[None], w, None))
+
+
+def test_bad_input_is_named():
+    x, w = torch.randn(2, 16, device=TRITON_DEVICE), torch.randn(8, 16, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="in_features"):
+        linear_stream_triton(torch.randn(2, 12, device=TRITON_DEVICE), w)
+    with pytest.raises(ValueError, match="2-D"):
+        linear_stream_triton(x, w[None])
+    with pytest.raises(ValueError, match="bias"):
+        linear_stream_triton(x, w, torch.randn(7, device=TRITON_DEVICE))
+    with pytest.raises(ValueError, match="weight is torch.float16"):
+        linear_stream_triton(x, w.half())
+    with pytest.raises(ValueError, match="at most"):
+        linear_stream_triton(torch.randn(MAX_STREAM_ROWS + 1, 16, device=TRITON_DEVICE), w)
+
+
+def test_config_table():
+    """Rows up to the table's last bound stream; beyond it the op calls cuBLAS (pick returns None)."""
+    assert pick_linear_config(1) is not None
+    bounds = [rows for rows, _ in LINEAR_CONFIGS]
+    assert bounds == sorted(bounds) and bounds[-1] <= MAX_STREAM_ROWS
+    assert pick_linear_config(bounds[-1] + 1) is None
