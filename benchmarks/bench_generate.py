@@ -119,7 +119,12 @@ def main():
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile one cinfer generate of N new tokens per batch size (0: off)")
+    ap.add_argument("--linear-configs", metavar="JSON",
+                    help="per-shape streaming-linear configs (tune_linear.json) instead of cinfer_ops.linear's table")
     args = ap.parse_args()
+    if args.linear_configs:
+        linear_op.LINEAR_CONFIGS = linear_op.load_linear_configs(args.linear_configs)
+        print("linear configs:", linear_op.LINEAR_CONFIGS)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -142,14 +147,14 @@ def main():
             try:
                 if peer in CINFER_PEERS:
                     async_scheduling, stream_linear = CINFER_PEERS[peer]
-                    saved = linear_op.LINEAR_CONFIGS
+                    saved = linear_op.STREAM_ROWS
                     try:  # the op picks its kernel when a step runs or a CUDA graph is captured
-                        linear_op.LINEAR_CONFIGS = saved if stream_linear else []
+                        linear_op.STREAM_ROWS = saved if stream_linear else 0
                         total, ttft, startup, engine = bench_cinfer(
                             model, prompts, args.new_tokens, max(batches), engine, async_scheduling=async_scheduling,
                             max_tokens_per_seq=args.prompt_len + args.new_tokens)
                     finally:
-                        linear_op.LINEAR_CONFIGS = saved
+                        linear_op.STREAM_ROWS = saved
                     if args.profile:
                         profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_{peer}.txt")
                     if startup == 0.0:

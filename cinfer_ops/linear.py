@@ -10,7 +10,8 @@ no second kernel; each output element is one program's fp32 dot product, rounded
 
 Larger ``M`` (prefill, big decode batches) is compute-bound or close to it and stays with cuBLAS: the op's CUDA
 implementation chooses per call, from ``LINEAR_CONFIGS``, so the choice is made at CUDA-graph capture and costs
-nothing at replay.
+nothing at replay. The choice is per weight shape: a few-row GEMM against a weight that cuBLAS streams as fast
+stays on cuBLAS.
 """
 from dataclasses import dataclass
 
@@ -20,24 +21,37 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Rows of x up to which the streaming kernel runs (tensor-core tile height); above it, cuBLAS.
+# Rows of x up to which the streaming kernel can run (its tensor-core tile height).
 MAX_STREAM_ROWS = 16
 
 
 @dataclass(frozen=True)
 class LinearConfig:
-    block_n: int = 16       # weight rows per program
+    block_n: int = 32       # weight rows per program
     block_k: int = 512      # K elements per pipeline stage
     num_warps: int = 4
     num_stages: int = 4
 
 
-# (max_rows, config): the first entry whose max_rows >= M wins; M above the last entry runs cuBLAS.
+# When the op streams: x with at most STREAM_ROWS rows (0 turns the kernel off), with the config of the weight's
+# (N, K) in LINEAR_CONFIGS, or DEFAULT_LINEAR_CONFIG for other shapes; a shape mapped to None stays on cuBLAS.
 # Chosen by benchmarks/tune_linear.py on an H100 (see benchmarks/RESULTS.md).
-LINEAR_CONFIGS: list[tuple[int, LinearConfig]] = [
-    (MAX_STREAM_ROWS, LinearConfig()),
-]
+STREAM_ROWS = MAX_STREAM_ROWS
+DEFAULT_LINEAR_CONFIG = LinearConfig()
+LINEAR_CONFIGS: dict[tuple[int, int], LinearConfig | None] = {}
 _DTYPES = (torch.bfloat16, torch.float16)
+
+
+def load_linear_configs(path: str) -> dict[tuple[int, int], LinearConfig | None]:
+    """A ``linear_configs`` table as ``benchmarks/tune_linear.py`` writes it (JSON: "N,K" -> [block_n, block_k,
+    num_warps, num_stages] or null), for ``LINEAR_CONFIGS``."""
+    import json
+
+    with open(path) as f:
+        table = json.load(f)
+    table = table.get("linear_configs", table)
+    return {tuple(int(v) for v in key.split(",")): None if value is None else LinearConfig(*value)
+            for key, value in table.items()}
 
 
 def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -45,11 +59,11 @@ def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def pick_linear_config(rows: int) -> LinearConfig | None:
-    for max_rows, config in LINEAR_CONFIGS:
-        if rows <= max_rows:
-            return config
-    return None
+def pick_linear_config(rows: int, n: int, k: int) -> LinearConfig | None:
+    """The streaming kernel's config for x of ``rows`` rows against weight [n, k], or None for cuBLAS."""
+    if rows > min(STREAM_ROWS, MAX_STREAM_ROWS):
+        return None
+    return LINEAR_CONFIGS.get((n, k), DEFAULT_LINEAR_CONFIG)
 
 
 @triton.jit
@@ -119,7 +133,7 @@ def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
         weight = weight.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
-        config = config or pick_linear_config(m) or LinearConfig()
+        config = config or DEFAULT_LINEAR_CONFIG
         _stream_linear_kernel[(triton.cdiv(n, config.block_n),)](
             x2, weight, bias if bias is not None else weight, out, m, n, k,
             x2.stride(0), weight.stride(0), out.stride(0),
@@ -141,7 +155,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 @linear.register_kernel("cuda")
 def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     rows = x.numel() // max(x.shape[-1], 1)
-    config = pick_linear_config(rows)
+    config = pick_linear_config(rows, *weight.shape) if weight.dim() == 2 else None
     if config is None or x.dtype not in _DTYPES or weight.stride(-1) != 1:
         return linear_reference(x, weight, bias).contiguous()
     return linear_stream_triton(x, weight, bias, config=config)

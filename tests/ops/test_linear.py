@@ -3,12 +3,13 @@
 Inputs are random and never zero. The x rows and weight rows the kernel must not read (past M, past N, the padding
 between strided weight rows) are NaN: a single read of one would poison an output.
 """
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from cinfer_ops.linear import (LINEAR_CONFIGS, MAX_STREAM_ROWS, LinearConfig, linear_stream_triton,
-                               pick_linear_config)
+from cinfer_ops.linear import MAX_STREAM_ROWS, LinearConfig, linear_stream_triton, pick_linear_config
 from tests.conftest import HAS_CUDA, TRITON_DEVICE
 from tests.tolerances import MATMUL, assert_close
 
@@ -102,9 +103,23 @@ def test_bad_input_is_named():
         linear_stream_triton(torch.randn(MAX_STREAM_ROWS + 1, 16, device=TRITON_DEVICE), w)
 
 
-def test_config_table():
-    """Rows up to the table's last bound stream; beyond it the op calls cuBLAS (pick returns None)."""
-    assert pick_linear_config(1) is not None
-    bounds = [rows for rows, _ in LINEAR_CONFIGS]
-    assert bounds == sorted(bounds) and bounds[-1] <= MAX_STREAM_ROWS
-    assert pick_linear_config(bounds[-1] + 1) is None
+def test_config_choice(monkeypatch):
+    """Few rows stream (with the shape's own config, if it has one); more rows, shapes mapped to None and
+    STREAM_ROWS = 0 go to cuBLAS."""
+    mod = importlib.import_module("cinfer_ops.linear")  # the module; the package's ``linear`` is the op
+
+    special = LinearConfig(64, 256, 4, 3)
+    monkeypatch.setattr(mod, "LINEAR_CONFIGS", {(96, 64): special, (32, 64): None})
+    assert pick_linear_config(1, 48, 64) == mod.DEFAULT_LINEAR_CONFIG
+    assert pick_linear_config(MAX_STREAM_ROWS, 96, 64) == special
+    assert pick_linear_config(2, 32, 64) is None
+    assert pick_linear_config(MAX_STREAM_ROWS + 1, 48, 64) is None
+    monkeypatch.setattr(mod, "STREAM_ROWS", 0)
+    assert pick_linear_config(1, 48, 64) is None
+
+
+def test_load_linear_configs(tmp_path):
+    path = tmp_path / "tune_linear.json"
+    path.write_text('{"linear_configs": {"6144,4096": [64, 256, 4, 3], "4096,4096": null}}')
+    mod = importlib.import_module("cinfer_ops.linear")
+    assert mod.load_linear_configs(str(path)) == {(6144, 4096): LinearConfig(64, 256, 4, 3), (4096, 4096): None}
