@@ -54,12 +54,16 @@ def candidates(smoke: bool = False) -> list[LinearConfig]:
         return [LinearConfig(16, 32, 4, 2), LinearConfig(32, 64, 2, 1)]
     tiles = [(16, 256), (16, 512), (16, 1024), (32, 256), (32, 512), (64, 128), (64, 256), (128, 128)]
     stages = {16: (3, 4, 6), 32: (3, 4, 5), 64: (3, 4, 5), 128: (3, 4, 6)}
-    return [LinearConfig(n, k, w, s) for (n, k), w in itertools.product(tiles, (4, 8))
-            for s in stages[n] if n * k * 2 * s <= 196608]
+    plain = [LinearConfig(n, k, w, s) for (n, k), w in itertools.product(tiles, (4, 8))
+             for s in stages[n] if n * k * 2 * s <= 196608]
+    # Split-K: more programs for the weights with few row blocks (o_proj, down_proj and q/k/v at 32-64 rows a block).
+    split = [LinearConfig(n, k, 4, s, sk) for (n, k), s, sk in itertools.product(
+        [(32, 256), (32, 512), (64, 128), (64, 256)], (3, 4), (2, 4))]
+    return plain + split
 
 
 def _label(c: LinearConfig) -> str:
-    return f"n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}"
+    return f"n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}" + (f" sk{c.split_k}" if c.split_k > 1 else "")
 
 
 def _compile_worker(job):
