@@ -38,6 +38,8 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 from benchmarks.common import bench_ms, copy_bandwidth_gbps, device_info, print_table, write_json  # noqa: E402
 from cinfer_ops.linear import LinearConfig, linear_stream_triton  # noqa: E402
 
+linear_module = sys.modules["cinfer_ops.linear"]
+
 SHAPES = {  # name: (N, K) of weight [N, K]
     "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),
     "8b.lm_head": (128256, 4096),
@@ -54,16 +56,12 @@ def candidates(smoke: bool = False) -> list[LinearConfig]:
         return [LinearConfig(16, 32, 4, 2), LinearConfig(32, 64, 2, 1)]
     tiles = [(16, 256), (16, 512), (16, 1024), (32, 256), (32, 512), (64, 128), (64, 256), (128, 128)]
     stages = {16: (3, 4, 6), 32: (3, 4, 5), 64: (3, 4, 5), 128: (3, 4, 6)}
-    plain = [LinearConfig(n, k, w, s) for (n, k), w in itertools.product(tiles, (4, 8))
-             for s in stages[n] if n * k * 2 * s <= 196608]
-    # Split-K: more programs for the weights with few row blocks (o_proj, down_proj and q/k/v at 32-64 rows a block).
-    split = [LinearConfig(n, k, 4, s, sk) for (n, k), s, sk in itertools.product(
-        [(32, 256), (32, 512), (64, 128), (64, 256)], (3, 4), (2, 4))]
-    return plain + split
+    return [LinearConfig(n, k, w, s) for (n, k), w in itertools.product(tiles, (4, 8))
+            for s in stages[n] if n * k * 2 * s <= 196608]
 
 
 def _label(c: LinearConfig) -> str:
-    return f"n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}" + (f" sk{c.split_k}" if c.split_k > 1 else "")
+    return f"n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}"
 
 
 def _compile_worker(job):
@@ -112,8 +110,10 @@ class ShapeBench:
         tol = 2e-2 * expected.abs().max().item() + 1e-2
         return None if err <= tol else f"max error {err:.3g} > {tol:.3g}"
 
-    def time_us(self, config, m, timing) -> float:
-        """Microseconds per GEMM over the chain of weight copies, from one CUDA graph's replays."""
+    def time_us(self, config, m, timing, pdl=True) -> float:
+        """Microseconds per GEMM over the chain of weight copies, from one CUDA graph's replays (the streaming
+        kernel launched as a programmatic dependent where the card supports it, unless ``pdl`` is False)."""
+        linear_module.USE_PDL = pdl
         x = self.x[:m]
         if config is None:
             def fn():
@@ -198,6 +198,9 @@ def main() -> None:
                 if config is not None and bench.check(config, m):
                     continue
                 final.append(row("2", bench, config, m, bench.time_us(config, m, TIMING)))
+            if overall and m == 2:  # the top config launched without PDL, for comparison
+                r = row("2", bench, lookup[overall[0][1]], m, bench.time_us(lookup[overall[0][1]], m, TIMING, pdl=False))
+                r["config"] += " nopdl"
         write_json(os.path.join(opts.out, "tune_linear.json"), result)
     table = []
     for bench in benches:
@@ -218,6 +221,11 @@ def main() -> None:
     print_table(table, ["shape", "m", "cublas_us", "cublas_pct", "best", "best_us", "best_pct", "top_us", "top_pct",
                         "speedup_top"])
     result["summary"]["table"] = table
+    nopdl = [dict(shape=r["shape"], config=r["config"], us=r["us"], pct_bw=r["pct_bw"]) for r in result["rows"]
+             if r.get("stage") == "2" and r["config"].endswith(" nopdl")]
+    if nopdl:
+        print("\n== the top config at M = 2 launched without PDL")
+        print_table(nopdl, ["shape", "config", "us", "pct_bw"])
     # Per weight shape: the fastest config at M = 2 (a batch-1 step), or None where cuBLAS was at least as fast.
     linear_configs = {}
     for bench in benches:
