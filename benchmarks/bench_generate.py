@@ -8,8 +8,7 @@ size. Reports output tokens/s, time per output token (TPOT), time to first token
 
 Peers: ``cinfer`` (the defaults: on a GPU, async scheduling launches the next decode step before the previous
 step's tokens are read), ``cinfer_sync`` (``async_scheduling=False``), ``cinfer_cublas`` (every linear on cuBLAS,
-not the streaming kernel of ``cinfer_ops.linear``), ``cinfer_nopdl`` (that kernel launched without programmatic
-dependent launch), ``hf_static``, ``hf_eager``. Each cinfer engine gets a KV cache sized
+not the streaming kernel of ``cinfer_ops.linear``),  ``hf_static``, ``hf_eager``. Each cinfer engine gets a KV cache sized
 for the workload (twice the largest batch's tokens), not from free memory: a deleted engine's cache is not
 returned to the device (its compiled graph keeps it alive), so the second engine of the run must fit beside it.
 """
@@ -63,10 +62,8 @@ def bench_hf(model, prompts: torch.Tensor, new_tokens: int, static: bool) -> tup
     return total_s, ttft_s, startup_s if static else 0.0
 
 
-# peer -> (async_scheduling (None: the default), few-row linears on the streaming kernel (False: all on cuBLAS),
-#          the streaming kernel launched as a programmatic dependent)
-CINFER_PEERS = {"cinfer": (None, True, True), "cinfer_sync": (False, True, True), "cinfer_cublas": (None, False, True),
-                "cinfer_nopdl": (None, True, False)}
+# peer -> (async_scheduling (None: the default), few-row linears on the streaming kernel (False: all on cuBLAS))
+CINFER_PEERS = {"cinfer": (None, True), "cinfer_sync": (False, True), "cinfer_cublas": (None, False)}
 BLOCK_SIZE = 16
 
 
@@ -117,7 +114,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--peers", default="cinfer,hf_static,hf_eager",
-                    help="comma list of cinfer, cinfer_sync, cinfer_cublas, cinfer_nopdl, hf_static, hf_eager")
+                    help="comma list of cinfer, cinfer_sync, cinfer_cublas, hf_static, hf_eager")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -149,16 +146,15 @@ def main():
             prompts = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
             try:
                 if peer in CINFER_PEERS:
-                    async_scheduling, stream_linear, pdl = CINFER_PEERS[peer]
-                    saved = linear_op.STREAM_ROWS, linear_op.USE_PDL
+                    async_scheduling, stream_linear = CINFER_PEERS[peer]
+                    saved = linear_op.STREAM_ROWS
                     try:  # the op picks its kernel when a step runs or a CUDA graph is captured
-                        linear_op.STREAM_ROWS = saved[0] if stream_linear else 0
-                        linear_op.USE_PDL = saved[1] and pdl
+                        linear_op.STREAM_ROWS = saved if stream_linear else 0
                         total, ttft, startup, engine = bench_cinfer(
                             model, prompts, args.new_tokens, max(batches), engine, async_scheduling=async_scheduling,
                             max_tokens_per_seq=args.prompt_len + args.new_tokens)
                     finally:
-                        linear_op.STREAM_ROWS, linear_op.USE_PDL = saved
+                        linear_op.STREAM_ROWS = saved
                     if args.profile:
                         profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_{peer}.txt")
                     if startup == 0.0:
@@ -192,13 +188,13 @@ def main():
         sync = by.get(("cinfer_sync", r["batch"]))
         if r["peer"] == "cinfer" and sync and "tok_s" in r and "tok_s" in sync:
             r["x_cinfer_sync"] = r["tok_s"] / sync["tok_s"]
-        for other in ("cinfer_cublas", "cinfer_nopdl"):
+        for other in ("cinfer_cublas",):
             o = by.get((other, r["batch"]))
             if r["peer"] == "cinfer" and o and "tok_s" in r and "tok_s" in o:
                 r["x_" + other] = r["tok_s"] / o["tok_s"]
     print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "compile_s", "cuda_graphs_s",
                        "pct_roofline", "x_hf_static",
-                       "x_cinfer_sync", "x_cinfer_cublas", "x_cinfer_nopdl", "overlapped_steps", "error"])
+                       "x_cinfer_sync", "x_cinfer_cublas", "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_generate_{args.model.replace('/', '_')}.json",
                dict(info=info, copy_gbps=bw, weight_bytes=wbytes, roofline_tok_s=roofline, args=vars(args), rows=rows))
 

@@ -38,8 +38,6 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 from benchmarks.common import bench_ms, copy_bandwidth_gbps, device_info, print_table, write_json  # noqa: E402
 from cinfer_ops.linear import LinearConfig, linear_stream_triton  # noqa: E402
 
-linear_module = sys.modules["cinfer_ops.linear"]
-
 SHAPES = {  # name: (N, K) of weight [N, K]
     "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),
     "8b.lm_head": (128256, 4096),
@@ -110,10 +108,8 @@ class ShapeBench:
         tol = 2e-2 * expected.abs().max().item() + 1e-2
         return None if err <= tol else f"max error {err:.3g} > {tol:.3g}"
 
-    def time_us(self, config, m, timing, pdl=True) -> float:
-        """Microseconds per GEMM over the chain of weight copies, from one CUDA graph's replays (the streaming
-        kernel launched as a programmatic dependent where the card supports it, unless ``pdl`` is False)."""
-        linear_module.USE_PDL = pdl
+    def time_us(self, config, m, timing) -> float:
+        """Microseconds per GEMM over the chain of weight copies, from one CUDA graph's replays."""
         x = self.x[:m]
         if config is None:
             def fn():
@@ -198,9 +194,6 @@ def main() -> None:
                 if config is not None and bench.check(config, m):
                     continue
                 final.append(row("2", bench, config, m, bench.time_us(config, m, TIMING)))
-            if overall and m == 2:  # the top config launched without PDL, for comparison
-                r = row("2", bench, lookup[overall[0][1]], m, bench.time_us(lookup[overall[0][1]], m, TIMING, pdl=False))
-                r["config"] += " nopdl"
         write_json(os.path.join(opts.out, "tune_linear.json"), result)
     table = []
     for bench in benches:
@@ -221,11 +214,6 @@ def main() -> None:
     print_table(table, ["shape", "m", "cublas_us", "cublas_pct", "best", "best_us", "best_pct", "top_us", "top_pct",
                         "speedup_top"])
     result["summary"]["table"] = table
-    nopdl = [dict(shape=r["shape"], config=r["config"], us=r["us"], pct_bw=r["pct_bw"]) for r in result["rows"]
-             if r.get("stage") == "2" and r["config"].endswith(" nopdl")]
-    if nopdl:
-        print("\n== the top config at M = 2 launched without PDL")
-        print_table(nopdl, ["shape", "config", "us", "pct_bw"])
     # Per weight shape: the fastest config at M = 2 (a batch-1 step), or None where cuBLAS was at least as fast.
     linear_configs = {}
     for bench in benches:

@@ -20,9 +20,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra.cuda import gdc_wait
-
-from cinfer_ops.pdl import supports_pdl
 
 # Rows of x up to which the streaming kernel can run (its tensor-core tile height).
 MAX_STREAM_ROWS = 16
@@ -50,9 +47,6 @@ LINEAR_CONFIGS: dict[tuple[int, int], LinearConfig | None] = {
     (3072, 2048): LinearConfig(64, 128, 4, 5), (2048, 2048): None, (16384, 2048): LinearConfig(64, 128, 4, 4),
     (2048, 8192): LinearConfig(32, 512, 4, 4), (128256, 2048): LinearConfig(64, 256, 4, 4),
 }
-# Programmatic dependent launch (Hopper and later): the kernel may start while the previous one finishes, loading
-# its first weight tile before it waits for the previous kernel's writes (x). Off: an ordinary launch.
-USE_PDL = True
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -84,11 +78,9 @@ def pick_linear_config(rows: int, n: int, k: int) -> LinearConfig | None:
 def _stream_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr, PDL: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr,
 ):
     # The K loop is software-pipelined num_stages deep (a launch option).
-    # PDL (launched as a programmatic dependent): the first weight tile is loaded before waiting for the previous
-    # kernel (whose writes x may be); nothing is read from x or written before the wait.
     # Program p computes out[:, p*BLOCK_N : (p+1)*BLOCK_N] as (W[rows] @ x^T)^T. Weight rows past N (the last
     # program) and x rows past M load as zero and are never stored.
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,16 +91,7 @@ def _stream_linear_kernel(
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]        # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows_m.to(tl.int64)[None, :] * stride_xm + ks[:, None]        # [BLOCK_K, BLOCK_M]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_begin = 0
-    if PDL:
-        w = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < K)[None, :], other=0.0, eviction_policy="evict_first")
-        gdc_wait()
-        x = tl.load(x_ptrs, mask=m_ok[None, :] & (ks < K)[:, None], other=0.0)
-        acc = tl.dot(w, x, acc, input_precision="ieee") if FP32_IEEE else tl.dot(w, x, acc)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        k_begin = BLOCK_K
-    for k0 in range(k_begin, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
@@ -159,13 +142,12 @@ def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
         config = config or DEFAULT_LINEAR_CONFIG
-        pdl = USE_PDL and supports_pdl(x.device)
         _stream_linear_kernel[(triton.cdiv(n, config.block_n),)](
             x2, weight, bias if bias is not None else weight, out, m, n, k,
             x2.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN_K=k % config.block_k == 0, UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
-            FP32_IEEE=x.dtype == torch.float32, PDL=pdl, launch_pdl=pdl,
+            FP32_IEEE=x.dtype == torch.float32,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return out.view(*x.shape[:-1], n)

@@ -8,9 +8,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra.cuda import gdc_launch_dependents
-
-from cinfer_ops.pdl import supports_pdl
 
 # A whole row lives in registers; beyond this the kernel would spill (no Llama-family model comes close).
 MAX_HIDDEN = 65536
@@ -48,12 +45,8 @@ def fused_add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, ep
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     n_rows, x_row_stride, residual_row_stride, hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    # LAUNCH_DEPENDENTS (Hopper): let a kernel launched as a programmatic dependent (the streaming linear that
-    # reads this output) start now; it waits for this grid's writes before reading them.
-    if LAUNCH_DEPENDENTS:
-        gdc_launch_dependents()
     # Each program normalises ROWS whole rows held in registers: x is read once and out written once.
     # Outputs are contiguous, so their row stride is `hidden`.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -111,7 +104,6 @@ def _launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
             x2, r2, weight.contiguous(), out, new_residual,
             n_rows, x2.stride(0), r2.stride(0), hidden, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden), ROWS=rows_per_program,
-            LAUNCH_DEPENDENTS=supports_pdl(x.device),
             num_warps=num_warps or default_warps,
         )
     out = out.view(x.shape)
