@@ -9,10 +9,13 @@ at that key. 23 bits of it make a uniform ``u`` in (0, 1); the token is the Gumb
 ``argmax(logit - log(-log u))`` over the filtered logits (filtered tokens are -inf and never win). Nothing depends
 on a shared generator, the batch size or the row's position, and nothing syncs with the host.
 
-On CUDA one Triton kernel hashes, adds the noise and takes the argmax in a single pass over the logits; elsewhere
-the same arithmetic runs as torch int64 ops (two's-complement wrap-around stands in for uint64). Both give the
-same uniforms bit for bit; tokens agree unless two noisy scores are within an ulp (not guaranteed across devices).
+On CUDA Triton kernels hash, add the noise and take the argmax in a single pass over the logits, each row split
+into chunks over many programs (so a batch of one still fills the GPU; greedy rows use the same split argmax);
+elsewhere the same arithmetic runs as torch int64 ops (two's-complement wrap-around stands in for uint64). Both
+give the same uniforms bit for bit; tokens agree unless two noisy scores are within an ulp (not guaranteed across
+devices).
 """
+import functools
 import math
 from dataclasses import dataclass
 from itertools import chain
@@ -84,45 +87,163 @@ def _mix64(x):
     return x ^ (x >> 31)
 
 
+# ---- split argmax on CUDA ----------------------------------------------------------------------------------------
+# A row's argmax is split over (row, chunk) programs, so batch 1 occupies the GPU instead of one SM: kernel 1 writes
+# each chunk's (max, first index of the max) to a small workspace, kernel 2 reduces a row's chunk partials. The
+# compiled variants depend on dtype and GUMBEL only: chunk_size and num_chunks are runtime arguments.
+
+SPLIT_BLOCK = 1024  # logits per loop iteration of a chunk program; a chunk is a whole number of blocks
+PARTIALS_BLOCK = 256  # chunk partials per loop iteration of the reduction program
+_NO_INDEX = tl.constexpr(2 ** 31 - 1)  # "none yet": above every index, so it loses every tie
+
+
 @triton.jit
-def _gumbel_argmax_kernel(logits_ptr, logits_row_stride, seeds_ptr, steps_ptr, out_ptr, vocab_size,
-                          BLOCK: tl.constexpr, UNIFORM_BITS_: tl.constexpr):
-    # One program per row, one pass over its logits. Each lane keeps its running best (strict > keeps the earlier
-    # index); the final reduction takes the smallest index among the lanes holding the maximum, i.e. torch.argmax's
-    # first-occurrence rule.
+def _argmax_update(best_value, best_index, first_nan, value, index):
+    # Lane-wise running argmax in torch.argmax's order: the larger value wins, equal values go to the smaller index,
+    # and NaN beats every number. NaN compares false, so it never enters best_value; first_nan keeps its smallest
+    # index apart.
+    better = (value > best_value) | ((value == best_value) & (index < best_index))
+    best_value = tl.where(better, value, best_value)
+    best_index = tl.where(better, index, best_index)
+    first_nan = tl.minimum(first_nan, tl.where(value != value, index, _NO_INDEX))
+    return best_value, best_index, first_nan
+
+
+@triton.jit
+def _argmax_result(best_value, best_index, first_nan):
+    # The lanes' combined (value, index): NaN and the first NaN's index if any lane saw one, else the maximum and
+    # the smallest index holding it.
+    nan_index = tl.min(first_nan, axis=0)
+    top = tl.max(best_value, axis=0)
+    top_index = tl.min(tl.where(best_value == top, best_index, _NO_INDEX), axis=0)
+    has_nan = nan_index < _NO_INDEX
+    return tl.where(has_nan, float("nan"), top), tl.where(has_nan, nan_index, top_index)
+
+
+@triton.jit
+def _chunk_argmax_kernel(logits_ptr, logits_row_stride, vocab_size, chunk_size, seeds_ptr, steps_ptr, partials_ptr,
+                         BLOCK: tl.constexpr, GUMBEL: tl.constexpr, UNIFORM_BITS_: tl.constexpr):
+    # Program (row, chunk): the argmax over logits[row, chunk * chunk_size:][:chunk_size], with GUMBEL of
+    # logit - log(-log u) where u is the row's uniform at that index. The noise is a function of (key, index) alone,
+    # so chunks draw it independently and no split changes a score. Writes the chunk's value (as int32 bits) to
+    # partials[0, row, chunk] and its index to partials[1, row, chunk].
     row = tl.program_id(0).to(tl.int64)
-    seed = tl.load(seeds_ptr + row).to(tl.uint64, bitcast=True)
-    step = tl.load(steps_ptr + row).to(tl.uint64, bitcast=True)
-    key = _mix64(_mix64(seed) ^ step)
+    chunk = tl.program_id(1)
+    num_chunks = tl.num_programs(1)
+    chunk_start = chunk * chunk_size
+    chunk_stop = tl.minimum(chunk_start + chunk_size, vocab_size)
+    if GUMBEL:
+        seed = tl.load(seeds_ptr + row).to(tl.uint64, bitcast=True)
+        step = tl.load(steps_ptr + row).to(tl.uint64, bitcast=True)
+        key = _mix64(_mix64(seed) ^ step)
+    row_ptr = logits_ptr + row * logits_row_stride
     lanes = tl.arange(0, BLOCK)
-    best_score = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_index = lanes
-    for start in range(0, vocab_size, BLOCK):
+    best_value = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_index = tl.full([BLOCK], _NO_INDEX, tl.int32)
+    first_nan = tl.full([BLOCK], _NO_INDEX, tl.int32)
+    for start in range(chunk_start, chunk_stop, BLOCK):
         index = start + lanes
-        in_vocab = index < vocab_size
-        logit = tl.load(logits_ptr + row * logits_row_stride + index, mask=in_vocab, other=float("-inf"))
-        bits = _mix64(key + (index + 1).to(tl.uint64) * 0x9E3779B97F4A7C15) >> (64 - UNIFORM_BITS_)
-        u = (bits.to(tl.float32) + 0.5) * (1.0 / (1 << UNIFORM_BITS_))
-        score = tl.where(in_vocab, logit.to(tl.float32) - tl.log(-tl.log(u)), float("-inf"))
-        better = score > best_score
-        best_score = tl.where(better, score, best_score)
-        best_index = tl.where(better, index, best_index)
-    top = tl.max(best_score, axis=0)
-    token = tl.min(tl.where(best_score == top, best_index, vocab_size), axis=0)
-    tl.store(out_ptr + row, token.to(tl.int64))
+        # Lanes past the chunk read -inf at indices above every real one: they never win, not even a -inf tie.
+        value = tl.load(row_ptr + index, mask=index < chunk_stop, other=float("-inf")).to(tl.float32)
+        if GUMBEL:
+            bits = _mix64(key + (index + 1).to(tl.uint64) * 0x9E3779B97F4A7C15) >> (64 - UNIFORM_BITS_)
+            u = (bits.to(tl.float32) + 0.5) * (1.0 / (1 << UNIFORM_BITS_))
+            value = value - tl.log(-tl.log(u))
+        best_value, best_index, first_nan = _argmax_update(best_value, best_index, first_nan, value, index)
+    value, index = _argmax_result(best_value, best_index, first_nan)
+    slot = row * num_chunks + chunk
+    tl.store(partials_ptr + slot, value.to(tl.int32, bitcast=True))
+    tl.store(partials_ptr + tl.num_programs(0) * num_chunks + slot, index)
 
 
-def gumbel_argmax_triton(logits: Tensor, seeds: Tensor, steps: Tensor) -> Tensor:
-    """Fused ``gumbel_argmax_torch(logits, row_keys(seeds, steps))``. logits: fp32 [batch, vocab] with unit column
-    stride; seeds, steps: int64 [batch] contiguous. Returns int64 [batch]."""
+@triton.jit(do_not_specialize=["num_chunks"])
+def _reduce_partials_kernel(partials_ptr, num_chunks, out_ptr, BLOCK: tl.constexpr):
+    # One program per row: the argmax over its chunks' (value, index) partials, by the same rule. Chunks cover
+    # increasing index ranges, so a chunk's first index of the maximum is the row's when the chunk wins.
+    row = tl.program_id(0).to(tl.int64)
+    index_plane = tl.num_programs(0).to(tl.int64) * num_chunks
+    lanes = tl.arange(0, BLOCK)
+    best_value = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_index = tl.full([BLOCK], _NO_INDEX, tl.int32)
+    first_nan = tl.full([BLOCK], _NO_INDEX, tl.int32)
+    for start in range(0, num_chunks, BLOCK):
+        chunk = start + lanes
+        in_row = chunk < num_chunks
+        slot = row * num_chunks + chunk
+        value = tl.load(partials_ptr + slot, mask=in_row, other=0).to(tl.float32, bitcast=True)
+        value = tl.where(in_row, value, float("-inf"))
+        index = tl.load(partials_ptr + index_plane + slot, mask=in_row, other=_NO_INDEX)
+        best_value, best_index, first_nan = _argmax_update(best_value, best_index, first_nan, value, index)
+    _, index = _argmax_result(best_value, best_index, first_nan)
+    tl.store(out_ptr + row, index.to(tl.int64))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter: any small number
+
+
+def split_for(batch: int, vocab_size: int, num_sms: int, block: int = SPLIT_BLOCK) -> tuple[int, int]:
+    """(num_chunks, chunk_size) for a [batch, vocab_size] argmax: about two programs per SM in all, never more than
+    one chunk per block of logits, and one chunk per row once the batch alone fills the GPU."""
+    return _chunks_of(vocab_size, triton.cdiv(2 * num_sms, batch), block)
+
+
+def _chunks_of(vocab_size: int, wanted: int, block: int) -> tuple[int, int]:
+    """(num_chunks, chunk_size): at most ``wanted`` chunks (at least one), each a whole number of blocks;
+    ``num_chunks = ceil(vocab_size / chunk_size)``, so no chunk is empty."""
+    wanted = max(1, min(wanted, triton.cdiv(vocab_size, block)))
+    chunk_size = triton.cdiv(triton.cdiv(vocab_size, wanted), block) * block
+    return triton.cdiv(vocab_size, chunk_size), chunk_size
+
+
+def _split_argmax(logits: Tensor, seeds: Tensor | None, steps: Tensor | None, num_chunks: int | None,
+                  block: int) -> Tensor:
+    """The two-kernel launch shared by argmax_triton and gumbel_argmax_triton (GUMBEL iff seeds is given)."""
     batch, vocab_size = logits.shape
-    if logits.dtype != torch.float32 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be fp32 with unit column stride, got {logits.dtype} {logits.stride()}")
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
-    if batch:
-        _gumbel_argmax_kernel[(batch,)](logits, logits.stride(0), seeds.contiguous(), steps.contiguous(), out,
-                                        vocab_size, BLOCK=1024, UNIFORM_BITS_=UNIFORM_BITS, num_warps=4)
+    if batch == 0:
+        return out
+    if not 0 < vocab_size < _NO_INDEX.value:
+        raise ValueError(f"vocab size must be in [1, 2**31 - 1), got {vocab_size}")
+    if num_chunks is None:
+        num_chunks, chunk_size = split_for(batch, vocab_size, _num_sms(logits.device), block)
+    else:
+        num_chunks, chunk_size = _chunks_of(vocab_size, num_chunks, block)
+    # One workspace for both halves of the partials (values as fp32 bits, then indices): a single allocation.
+    partials = torch.empty((2, batch, num_chunks), dtype=torch.int32, device=logits.device)
+    gumbel = seeds is not None
+    _chunk_argmax_kernel[(batch, num_chunks)](
+        logits, logits.stride(0), vocab_size, chunk_size, seeds if gumbel else partials,  # unread without GUMBEL
+        steps if gumbel else partials, partials, BLOCK=block, GUMBEL=gumbel, UNIFORM_BITS_=UNIFORM_BITS, num_warps=4)
+    _reduce_partials_kernel[(batch,)](partials, num_chunks, out, BLOCK=PARTIALS_BLOCK, num_warps=4)
     return out
+
+
+def argmax_triton(logits: Tensor, *, num_chunks: int | None = None, block: int = SPLIT_BLOCK) -> Tensor:
+    """``logits.argmax(dim=-1)`` split over many programs per row. logits: fp32/bf16/fp16 [batch, vocab], any row
+    stride (a column stride other than 1 costs a copy). Returns int64 [batch]: the first index of the row maximum,
+    or of the row's first NaN if it has one (torch.argmax's rule). num_chunks (how many chunks to aim for, default
+    from ``split_for``) and block (a power of two) exist for tests, which split small vocabularies finely."""
+    if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"logits must be fp32/bf16/fp16 [batch, vocab], got {logits.dtype} {tuple(logits.shape)}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return _split_argmax(logits, None, None, num_chunks, block)
+
+
+def gumbel_argmax_triton(logits: Tensor, seeds: Tensor, steps: Tensor, *, num_chunks: int | None = None,
+                         block: int = SPLIT_BLOCK) -> Tensor:
+    """Fused ``gumbel_argmax_torch(logits, row_keys(seeds, steps))``, split over many programs per row like
+    ``argmax_triton`` (same num_chunks and block), with torch.argmax's rules: the first index on ties, and a NaN
+    score wins. logits: fp32 [batch, vocab] with unit column stride; seeds, steps: int64 [batch]. Returns int64
+    [batch], the same for every split."""
+    if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be fp32 [batch, vocab] with unit column stride, got {logits.dtype} "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")
+    return _split_argmax(logits, seeds.contiguous(), steps.contiguous(), num_chunks, block)
 
 
 @dataclass
@@ -162,14 +283,19 @@ class Sampler:
         penalised = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         sampling = [p.temperature != 0 for p in params]
         if not any(sampling) and not penalised:
-            return logits.argmax(dim=-1)
+            return self._argmax(logits)
         # A private fp32 copy: the penalty writes into it.
         x = logits.to(torch.float32, copy=bool(penalised))
         if penalised:
             x = self._apply_repetition_penalty(x, rows, penalised)
         if not any(sampling):
-            return x.argmax(dim=-1)
+            return self._argmax(x)
         return self._sample(x, rows, sampling)
+
+    def _argmax(self, x: Tensor) -> Tensor:
+        """x: [batch, vocab] -> int64 [batch]. On CUDA the split kernel: torch's reduction gives a row one block,
+        which leaves the GPU idle for a few rows over a large vocabulary."""
+        return argmax_triton(x) if self._use_triton else x.argmax(dim=-1)
 
     def _upload(self, array: np.ndarray) -> Tensor:
         """One host array -> device, asynchronously from pinned memory on CUDA (torch's caching host allocator
@@ -219,7 +345,7 @@ class Sampler:
         temperature, top_p, log_min_p = floats_d[0, :, None], floats_d[1, :, None], floats_d[2, :, None]
         top_k, seeds, steps = ints_d[0, :, None], ints_d[1], ints_d[2]
 
-        greedy_tokens = x.argmax(dim=-1) if not all(sampling) else None
+        greedy_tokens = self._argmax(x) if not all(sampling) else None
         # Shifting by the row max first keeps x / temperature finite for any temperature > 0; afterwards the
         # most likely token has logit exactly 0 and survives every filter.
         x = (x - x.amax(dim=-1, keepdim=True)) / temperature

@@ -10,12 +10,16 @@ from hypothesis import strategies as st
 from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
-from cinfer_runtime.sampler import (Sampler, SamplingRow, gumbel_argmax_torch, gumbel_argmax_triton, row_keys,
-                                    uniforms)
+from cinfer_runtime.sampler import (PARTIALS_BLOCK, SPLIT_BLOCK, Sampler, SamplingRow, argmax_triton,
+                                    gumbel_argmax_torch, gumbel_argmax_triton, row_keys, split_for, uniforms)
 from cinfer_runtime.sampling_params import SamplingParams
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)] if HAS_CUDA else ["cpu"]
+# The Triton kernels run natively on a GPU, through the interpreter on CPU (tests/conftest.py sets it).
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+                                  reason="Triton needs a GPU or the interpreter")
 MASK64 = (1 << 64) - 1
 
 
@@ -61,21 +65,181 @@ def test_uniforms_match_python_reference_bit_for_bit(device):
     assert got.min() > 0 and got.max() < 1
 
 
-@pytest.mark.skipif(not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="Triton needs a GPU or the interpreter")
-def test_triton_kernel_matches_torch_path():
-    device = "cuda" if HAS_CUDA else "cpu"
-    gen = torch.Generator().manual_seed(0)
-    batch, vocab_size = 12, 2500  # > one 1024-wide block, with a ragged tail
-    logits = (torch.randn(batch, vocab_size, generator=gen) * 3).to(device)
-    logits[torch.rand(batch, vocab_size, generator=gen).to(device) < 0.3] = -math.inf
-    seeds = torch.randint(-2 ** 63, 2 ** 63 - 1, (batch,), generator=gen).to(device)
-    steps = torch.randint(0, 10 ** 6, (batch,), generator=gen).to(device)
+# ---- the split argmax kernels ------------------------------------------------------------------------------------
+
+def planted_logits(batch: int, vocab_size: int, block: int, gen: torch.Generator) -> torch.Tensor:
+    """fp32 [batch, vocab_size], exact in bf16 and fp16: small random integers (ties everywhere), and in each row one
+    planted case, cycling through: the maximum tied on both sides of every block boundary from a random one on
+    (chunk boundaries are block boundaries), NaNs after a +inf, all -inf, -inf but one number, +inf ties, signed
+    zeros (-0.0 first) as the maximum of negative numbers."""
+    x = torch.randint(-8, 8, (batch, vocab_size), generator=gen).float()
+
+    def positions(n: int) -> list[int]:
+        return torch.randint(vocab_size, (n,), generator=gen).tolist()
+
+    for row in range(batch):
+        r = x[row]
+        case = row % 6
+        if case == 0:
+            first = positions(1)[0]
+            r[first] = 100.0
+            for boundary in range(block * (first // block + 1), vocab_size, block):
+                r[boundary - 1:boundary + 1] = 100.0
+        elif case == 1:
+            r[positions(1)] = math.inf
+            r[positions(2)] = math.nan
+        elif case == 2:
+            r[:] = -math.inf
+        elif case == 3:
+            r[:] = -math.inf
+            r[positions(1)] = -5.0
+        elif case == 4:
+            r[positions(3)] = math.inf
+        else:
+            r[:] = -r.abs() - 1
+            zeros = sorted(set(positions(3)))
+            r[zeros] = 0.0
+            r[zeros[0]] = -0.0
+    return x
+
+
+def strided(x: torch.Tensor) -> torch.Tensor:
+    """x as a view with row stride vocab + 5 into a NaN-poisoned buffer (nothing outside the view may be read)."""
+    buffer = torch.full((x.shape[0], x.shape[1] + 5), math.nan, dtype=x.dtype, device=x.device)
+    buffer[:, 2:2 + x.shape[1]] = x
+    return buffer[:, 2:2 + x.shape[1]]
+
+
+def test_split_rule():
+    vocab_size, num_sms = 128256, 132  # Llama 3 on an H100
+    for batch in [1, 2, 3, 4, 8, 16, 64, 100, 256, 264, 512]:
+        num_chunks, chunk_size = split_for(batch, vocab_size, num_sms)
+        assert chunk_size % SPLIT_BLOCK == 0
+        assert (num_chunks - 1) * chunk_size < vocab_size <= num_chunks * chunk_size  # no empty chunk
+        assert num_chunks == 1 or batch * num_chunks <= 4 * num_sms  # large batches are not over-split
+        if batch <= 2:
+            assert 100 <= batch * num_chunks <= 300
+    assert split_for(264, vocab_size, num_sms)[0] == 1
+    assert split_for(1, 1000, num_sms) == (1, SPLIT_BLOCK)  # never more chunks than blocks
+    assert split_for(1, 1, num_sms) == (1, SPLIT_BLOCK)
+
+
+# (block, num_chunks): the production block and rule, fine blocks by the rule, forced splits into many chunks.
+ARGMAX_SPLITS = [(SPLIT_BLOCK, None), (16, None), (16, 7), (8, 40)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("block,num_chunks", ARGMAX_SPLITS)
+def test_argmax_triton_matches_torch(dtype, layout, block, num_chunks):
+    gen = torch.Generator().manual_seed(block + (num_chunks or 0))
+    batch, vocab_size = (9, 2500) if block == SPLIT_BLOCK else (7, 333)
+    logits = planted_logits(batch, vocab_size, block, gen).to(TRITON_DEVICE, dtype)
+    if layout == "strided":
+        logits = strided(logits)
+    got = argmax_triton(logits, num_chunks=num_chunks, block=block)
+    assert got.dtype == torch.int64 and got.shape == (batch,)
+    assert torch.equal(got, logits.argmax(dim=-1))
+
+
+@needs_triton
+@pytest.mark.parametrize("vocab_size", [1, 2, 3, 17])
+def test_argmax_triton_tiny_vocabularies(vocab_size):
+    gen = torch.Generator().manual_seed(vocab_size)
+    logits = planted_logits(6, vocab_size, 2, gen).to(TRITON_DEVICE)
+    for block, num_chunks in [(SPLIT_BLOCK, None), (2, 100)]:
+        assert torch.equal(argmax_triton(logits, num_chunks=num_chunks, block=block), logits.argmax(dim=-1))
+
+
+@needs_triton
+def test_argmax_triton_more_chunks_than_one_reduction_block():
+    """Over PARTIALS_BLOCK chunks a row: the reduction kernel loops; also rows broadcast with row stride 0."""
+    gen = torch.Generator().manual_seed(6)
+    block, vocab_size = 8, 8 * PARTIALS_BLOCK + 20
+    x = torch.randint(-8, 8, (2, vocab_size), generator=gen).float()
+    x[0, [-12, -3]] = 100.0  # the maximum only in chunks past the first PARTIALS_BLOCK, tied
+    x[1, 5], x[1, [-9, -1]] = math.inf, math.nan  # likewise the first NaN
+    logits = strided(x.to(TRITON_DEVICE, torch.bfloat16))
+    got = argmax_triton(logits, num_chunks=10 ** 6, block=block)
+    assert torch.equal(got, logits.argmax(dim=-1)) and got.tolist() == [vocab_size - 12, vocab_size - 9]
+    row = planted_logits(1, 300, 16, gen).to(TRITON_DEVICE)
+    assert torch.equal(argmax_triton(row.expand(4, 300), block=16), row.argmax(dim=-1).expand(4))
+    assert argmax_triton(row[:0]).shape == (0,)
+
+
+def test_argmax_triton_rejects_bad_logits():
+    with pytest.raises(ValueError, match="fp32/bf16/fp16"):
+        argmax_triton(torch.zeros(2, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="vocab size"):
+        argmax_triton(torch.zeros(2, 0))
+
+
+def gumbel_inputs(batch: int, vocab_size: int, block: int, gen: torch.Generator):
+    """fp32 logits with 30% -inf and the planted cases of planted_logits in every other row (all -inf, +inf ties
+    across block boundaries, NaNs), and random seeds and steps, on TRITON_DEVICE."""
+    logits = torch.randn(batch, vocab_size, generator=gen) * 3
+    logits[torch.rand(batch, vocab_size, generator=gen) < 0.3] = -math.inf
+    logits[1::2] = planted_logits(batch, vocab_size, block, gen)[1::2]
+    seeds = torch.randint(-2 ** 63, 2 ** 63 - 1, (batch,), generator=gen)
+    steps = torch.randint(0, 10 ** 6, (batch,), generator=gen)
+    return logits.to(TRITON_DEVICE), seeds.to(TRITON_DEVICE), steps.to(TRITON_DEVICE)
+
+
+@needs_triton
+def test_gumbel_argmax_triton_matches_torch_whatever_the_split():
+    """Exactly gumbel_argmax_torch (first occurrence on ties, NaN wins), and the same tokens for every split:
+    one chunk a row is the single-program kernel this replaced."""
+    gen = torch.Generator().manual_seed(7)
+    logits, seeds, steps = gumbel_inputs(12, 2500, 16, gen)  # > one 1024-wide block, with a ragged tail
     want = gumbel_argmax_torch(logits, row_keys(seeds, steps))
-    got = gumbel_argmax_triton(logits, seeds, steps)
-    assert got.dtype == torch.int64
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert torch.isfinite(logits.gather(1, got[:, None])).all()
+    for num_chunks in [None, 1]:
+        got = gumbel_argmax_triton(logits, seeds, steps, num_chunks=num_chunks)
+        assert got.dtype == torch.int64
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    logits, seeds, steps = gumbel_inputs(4, 600, 16, gen)
+    want = gumbel_argmax_torch(logits, row_keys(seeds, steps))
+    for block, num_chunks in [(16, None), (16, 1), (16, 25)]:
+        torch.testing.assert_close(gumbel_argmax_triton(logits, seeds, steps, num_chunks=num_chunks, block=block),
+                                   want, rtol=0, atol=0)
+    assert torch.isfinite(logits[0::2].gather(1, want[0::2, None])).all()  # the unplanted rows draw kept tokens
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampler_uses_the_split_kernels(dtype):
+    """The sampler's CUDA path (forced on here, through the interpreter on CPU): greedy, penalised and mixed rows."""
+    gen = torch.Generator().manual_seed(8)
+    batch, vocab_size = 6, 300
+    logits = planted_logits(batch, vocab_size, 16, gen).to(TRITON_DEVICE, dtype)
+    sampler = Sampler(vocab_size, torch.device(TRITON_DEVICE))
+    sampler._use_triton = True
+    want = logits.argmax(dim=-1)
+    greedy = SamplingParams(temperature=0.0)
+    assert torch.equal(sampler(logits, rows_for([greedy] * batch, seeds=range(batch))), want)
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=1.0 + 1e-6)
+    assert torch.equal(sampler(logits, rows_for([penalised] * batch, seeds=range(batch))), want)
+    mixed = [greedy if i % 2 else SamplingParams(temperature=0.8) for i in range(batch)]
+    assert torch.equal(sampler(logits, rows_for(mixed, seeds=range(batch)))[1::2], want[1::2])
+
+
+@pytest.mark.gpu
+def test_split_argmax_at_llama3_shapes_without_host_sync():
+    gen = torch.Generator().manual_seed(9)
+    vocab_size = 128256
+    sampler = Sampler(vocab_size, torch.device("cuda"), max_num_seqs=512)
+    greedy = SamplingParams(temperature=0.0)
+    for batch in [1, 2, 8, 300]:
+        for dtype in [torch.bfloat16, torch.float16, torch.float32]:
+            logits = planted_logits(batch, vocab_size, SPLIT_BLOCK, gen).to("cuda", dtype)
+            want = logits.argmax(dim=-1)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                got = sampler(logits, rows_for([greedy] * batch, seeds=range(batch)))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert torch.equal(got, want), (batch, dtype)
 
 
 # ---- greedy and repetition penalty --------------------------------------------------------------------------------
