@@ -137,9 +137,10 @@ class ModelRunner:
         for q_lens in ([3, 2], [1, 1]):
             self._fill_dummy(q_lens)
             logits = self.model(*self.dev.model_inputs(sum(q_lens), len(q_lens)))
-            rows = [SamplingRow(SamplingParams(temperature=0.0), 0, 0, [0]),
-                    SamplingRow(SamplingParams(temperature=1.0, top_k=8, top_p=0.9, min_p=0.01), 0, 0, [0])]
+            greedy = SamplingRow(SamplingParams(temperature=0.0), 0, 0, [0])
+            rows = [greedy, SamplingRow(SamplingParams(temperature=1.0, top_k=8, top_p=0.9, min_p=0.01), 0, 0, [0])]
             self.sampler(logits[:2], rows).tolist()
+            self.sampler(logits[:2], [greedy, greedy]).tolist()  # the all-greedy path (argmax of the raw logits)
 
     @torch.no_grad()
     def capture_decode_graphs(self) -> None:
