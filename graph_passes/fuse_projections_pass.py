@@ -35,7 +35,10 @@ cause no recompile (tested with torch 2.13; were one to happen, it would find th
 
 The narrowed outputs are not contiguous. Users that merely read them are unaffected; a user that needs the old
 layout (a ``view`` merging the last dim, say) is detected by re-deriving the fake values of every node that still
-aliases the output, and that output then gets a ``.contiguous()`` copy.
+aliases the output, and that output then gets a ``.contiguous()`` copy. Re-deriving fake values through symbolic
+shapes is slow (seconds for 32 layers), so it runs once per distinct user subgraph (``_signature``: every layer of
+a model has the same one). The other layers' aliasing users keep their trace-time fake values, whose strides are
+those of the unfused output: nothing downstream reads them (AOTAutograd re-traces the graph from its inputs).
 """
 import itertools
 import logging
@@ -293,6 +296,45 @@ def _strided_view_is_fine(narrow: fx.Node) -> bool:
     return True
 
 
+_SIGNATURE_DEPTH = 6
+
+
+def _signature(narrow: fx.Node) -> tuple | None:
+    """What ``_strided_view_is_fine`` depends on, as a hashable structure: the narrow's fake layout and its users'
+    subgraph to ``_SIGNATURE_DEPTH`` levels (targets, constant arguments, other inputs' fake shapes and strides).
+    Every layer of a model gives the same signature, so the check runs once per distinct one. None when the
+    subgraph is deeper than that (no memo: the check runs)."""
+    truncated = False
+
+    def describe(value, inside: dict[fx.Node, int]):
+        if isinstance(value, fx.Node):
+            if value in inside:
+                return ("@", inside[value])
+            val = fake(value)
+            return ("node", None if val is None else (str(val.shape), str(val.stride()), str(val.dtype)))
+        if isinstance(value, list | tuple):
+            return tuple(describe(v, inside) for v in value)
+        if isinstance(value, dict):
+            return tuple(sorted((k, describe(v, inside)) for k, v in value.items()))
+        return repr(value)
+
+    def users(node: fx.Node, depth: int, inside: dict[fx.Node, int]):
+        nonlocal truncated
+        if depth == _SIGNATURE_DEPTH:
+            truncated = truncated or bool(node.users)
+            return ()
+        out = []
+        for user in node.users:
+            scope = {**inside, user: len(inside)}
+            out.append((user.op, str(user.target), describe(user.args, inside), describe(user.kwargs, inside),
+                        users(user, depth + 1, scope)))
+        return tuple(out)
+
+    base = fake(narrow)
+    sig = (str(base.shape), str(base.stride()), str(base.dtype), users(narrow, 0, {narrow: 0}))
+    return None if truncated else sig
+
+
 def _trace_time_inputs(example_inputs: list | None, nodes: list[fx.Node]) -> None:
     """Put the trace-time fake values of re-pointed parameter placeholders into ``example_inputs``: the inner
     compiler (AOTAutograd) fakifies real inputs against Dynamo's record of them, which says storage offset 0."""
@@ -306,8 +348,10 @@ def _trace_time_inputs(example_inputs: list | None, nodes: list[fx.Node]) -> Non
         example_inputs[positions[node]] = node.meta["example_value"]
 
 
-def _fuse(gm: fx.GraphModule, group: list[Projection], example_inputs: list | None) -> int:
-    """Rewrite one group; returns the number of ``.contiguous()`` copies its outputs needed."""
+def _fuse(gm: fx.GraphModule, group: list[Projection], example_inputs: list | None,
+          verdicts: dict[tuple, bool]) -> int:
+    """Rewrite one group; returns the number of ``.contiguous()`` copies its outputs needed. ``verdicts``: the
+    layout checks already made, by ``_signature`` (shared by the groups of one graph)."""
     graph = gm.graph
     first = group[0].node
     x = first.args[0]
@@ -347,7 +391,13 @@ def _fuse(gm: fx.GraphModule, group: list[Projection], example_inputs: list | No
     for p, narrow in zip(group, narrows):
         p.node.replace_all_uses_with(narrow)
         graph.erase_node(p.node)
-        if not _strided_view_is_fine(narrow):
+        signature = _signature(narrow)
+        fine = verdicts.get(signature) if signature is not None else None
+        if fine is None:
+            fine = _strided_view_is_fine(narrow)
+            if signature is not None:
+                verdicts[signature] = fine
+        if not fine:
             with graph.inserting_after(narrow):
                 copy = graph.call_method("contiguous", (narrow,))
             copy.meta.update({k: v for k, v in narrow.meta.items() if k in _COPIED_META})
@@ -396,7 +446,8 @@ def fuse_projections(gm: fx.GraphModule, example_inputs: list | None = None) -> 
     values = _real_values(gm, example_inputs)
     uses = _uses(gm, values)
     groups = _groups(gm, values, uses)
-    copies = sum(_fuse(gm, group, example_inputs) for group in groups)
+    verdicts: dict[tuple, bool] = {}
+    copies = sum(_fuse(gm, group, example_inputs, verdicts) for group in groups)
     if groups:
         gm.graph.eliminate_dead_code()
         gm.recompile()
