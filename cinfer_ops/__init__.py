@@ -5,9 +5,17 @@ passes match), a Triton kernel with its launcher (the CUDA implementation), the 
 registration and the fake kernel that lets ``torch.compile`` trace it. See ``../shared/DESIGN.md`` for the
 op contract.
 """
-from cinfer_ops.rms_norm import fused_add_rms_norm, rms_norm  # noqa: F401  (registers the ops)
-from cinfer_ops.kv_cache_write import kv_cache_write  # noqa: F401
+from cinfer_ops.rms_norm import MANY_ROWS, fused_add_rms_norm, rms_norm  # noqa: F401  (registers the ops)
+from cinfer_ops.kv_cache_write import MANY_TOKENS, kv_cache_write  # noqa: F401
 from cinfer_ops.paged_attention import paged_attention  # noqa: F401
 from cinfer_ops.linear import linear  # noqa: F401
 
-__all__ = ["rms_norm", "fused_add_rms_norm", "kv_cache_write", "paged_attention", "linear"]
+# The Triton launchers pick their kernel variants (constexprs, num_warps) from the model's shapes, the cache and
+# fixed configs, plus a few thresholds on the step's size: token counts (these), and the split-KV decode's split
+# count, which falls as the batch grows (one or several splits). So steps below and at each threshold, and decode
+# steps at the smallest and largest batch, compile every variant; the runtime's warm-up runs them
+# (cinfer_runtime.model_runner.warm_up_steps).
+VARIANT_TOKEN_THRESHOLDS = (MANY_ROWS, MANY_TOKENS)
+
+__all__ = ["rms_norm", "fused_add_rms_norm", "kv_cache_write", "paged_attention", "linear",
+           "VARIANT_TOKEN_THRESHOLDS"]

@@ -12,6 +12,9 @@ from torch import Tensor
 
 # Largest slice of a token's [kv_heads * head_dim] row one program moves; wider rows get more programs (grid axis 1).
 MAX_BLOCK = 4096
+# From this many tokens on, the launcher takes its many-tokens kernel variant (see kv_cache_write_launch_params).
+# The runtime's warm-up runs a step this large so that both variants compile before serving.
+MANY_TOKENS = 1024
 
 
 def kv_cache_write_launch_params(row: int, num_tokens: int) -> tuple[int, int, int]:
@@ -19,10 +22,10 @@ def kv_cache_write_launch_params(row: int, num_tokens: int) -> tuple[int, int, i
 
     A program moves tokens_per_program x block elements of K and of V; around 2K elements keeps each thread on
     16-byte vectors while leaving enough programs to fill the card. benchmarks/bench_ops.py --sweep measures
-    the alternatives.
+    the alternatives. Two regimes, so per row size two compiled variants: below MANY_TOKENS tokens and from it on.
     """
     block = min(triton.next_power_of_2(row), MAX_BLOCK)
-    tokens_per_program = 1 if num_tokens < 1024 else max(1, min(16, 2048 // block))
+    tokens_per_program = 1 if num_tokens < MANY_TOKENS else max(1, min(16, 2048 // block))
     num_warps = min(max(block * tokens_per_program // 256, 1), 8)
     return block, tokens_per_program, num_warps
 
@@ -53,7 +56,9 @@ def kv_cache_write_reference(key: Tensor, value: Tensor, k_cache: Tensor, v_cach
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, value[keep].to(v_cache.dtype))
 
 
-@triton.jit
+# num_tokens follows the step: not specialised (Triton would compile a variant for 1 and for multiples of 16); it
+# only masks whole tokens (and the few slot_mapping entries a program loads).
+@triton.jit(do_not_specialize=["num_tokens"])
 def _kv_cache_write_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_tokens,
     key_token_stride, key_head_stride, value_token_stride, value_head_stride,

@@ -74,7 +74,7 @@ def pick_linear_config(rows: int, n: int, k: int) -> LinearConfig | None:
     return LINEAR_CONFIGS.get((n, k), DEFAULT_LINEAR_CONFIG)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one variant for every row count (1 and 16 would each get their own)
 def _stream_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

@@ -84,7 +84,8 @@ class DecodeConfig:
     - ``merge``: how split partials are combined. "head": a second kernel, one program per (token, query head).
       "group": a second kernel, one program per (token, kv head), reading its query heads x many splits as one
       tile. "fused": no second kernel: the last split of each (token, kv head) to finish merges (an atomic
-      counter), and a token whose context fits one split writes its output directly.
+      counter, which it then resets: the counters persist across launches, see ``_merge_counter``), and a token
+      whose context fits one split writes its output directly.
     - ``direct_single_split``: with the "head"/"group" merges, a token whose context fits one split writes its
       output directly and the merge skips it ("fused" always does).
     """
@@ -138,13 +139,20 @@ PREFILL_CONFIGS = {
     128: PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
     256: PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
 }
-# Widest vector the sequence search reads query_start_loc with; larger batches loop.
-_MAX_SEARCH_CHUNK = 1024
+# Width of the vector the sequence search (_count_le) reads query_start_loc with; larger batches loop. Fixed, not
+# sized from the batch: a constexpr that followed the batch would compile a kernel variant per batch-size class
+# (during serving, or per CUDA-graph bucket at capture). 128 covers the usual decode batches in one load.
+_SEARCH_CHUNK = 128
 _SPLIT_CHUNK = 16
 # Elements of the [query heads, splits, head_dim] tile the group merges read per step (sets the splits per step).
 _MERGE_TILE_ELEMENTS = 8192
 # Caches with at least this many elements are addressed with 64-bit offsets (a module constant so tests can lower it).
 _INT32_OFFSET_LIMIT = 2**31
+# Kernel variants: every constexpr and launch option below comes from the model's shapes, the cache and the config;
+# the step's size enters only as the decode kernel's SPLIT (several splits or one), which flips once as the batch
+# grows. Integer arguments that follow the step's size (batch, token and split counts) are marked
+# do_not_specialize: Triton would otherwise compile a variant for the value 1 and one for multiples of 16. They
+# only bound loops and masks and scale partial-buffer rows, where those hints buy nothing.
 
 
 @triton.jit
@@ -274,7 +282,7 @@ def _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_splits
              o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "num_tokens", "num_splits"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, merge_count_ptr,
@@ -375,6 +383,10 @@ def _decode_kernel(
                     if done == n_active - 1:
                         _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_active, num_heads,
                                      num_splits, stride_ot, stride_oh, GROUP, GM_PAD, HEAD_DIM, D_PAD, MERGE_CHUNK, True)
+                        # All n_active splits have counted, so nothing else touches this counter in this launch:
+                        # zero it for the next launch (the counters persist, see _merge_counter). Kernel
+                        # boundaries order it before any later launch's increments.
+                        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
         else:
             tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
@@ -392,7 +404,7 @@ def _decode_kernel(
             tl.store(out_rows, zeros, mask=io_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_splits, stride_ot, stride_oh,
                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, DIRECT: tl.constexpr):
     # Program (token, head): log-sum-exp merge of the per-split normalised outputs. DIRECT: a token whose split 1
@@ -429,7 +441,7 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_spl
         tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_groups_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_splits, stride_ot, stride_oh,
                          GROUP: tl.constexpr, GM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                          SPLIT_CHUNK: tl.constexpr, DIRECT: tl.constexpr):
@@ -444,7 +456,7 @@ def _merge_groups_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_spl
                      stride_ot, stride_oh, GROUP, GM_PAD, HEAD_DIM, D_PAD, SPLIT_CHUNK, False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
     qk_scale, batch,
@@ -534,6 +546,29 @@ def _decode_partition(programs: int, max_context: int, cfg: DecodeConfig, num_sm
     return triton.cdiv(partition, cfg.block_n) * cfg.block_n
 
 
+# The fused merge's arrival counters, one int32 per (token, kv_head), per device. Each launch leaves them all zero
+# (the program that merges a group resets its counter), so no launch needs a fill kernel. Launches that share
+# them must run in stream order, which one stream per device (the runtime's, CUDA graphs replayed on it) gives.
+# Superseded, smaller buffers stay in the list: CUDA graphs captured over them keep using them.
+_merge_counters: dict[torch.device, list[Tensor]] = {}
+_MIN_MERGE_COUNTERS = 4096
+
+
+def _merge_counter(size: int, device: torch.device) -> Tensor:
+    """An all-zero int32 buffer of at least ``size`` elements, which the decode kernel leaves all zero."""
+    buffers = _merge_counters.setdefault(device, [])
+    if buffers and buffers[-1].numel() >= size:
+        return buffers[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A buffer made inside a capture belongs to the graph's memory pool, zeroed by a fill the graph replays:
+        # use it for this graph only (the runner runs each bucket eagerly before capturing it, which grows the
+        # shared buffer, so this is rare).
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    grown = max(size, 2 * buffers[-1].numel() if buffers else _MIN_MERGE_COUNTERS)
+    buffers.append(torch.zeros(grown, dtype=torch.int32, device=device))
+    return buffers[-1]
+
+
 def _merge_chunk(gm_pad: int, d_pad: int) -> int:
     """Splits per step of the group merges: a [gm_pad, chunk, d_pad] fp32 tile of about _MERGE_TILE_ELEMENTS."""
     chunk = max(2, _MERGE_TILE_ELEMENTS // (gm_pad * d_pad))
@@ -559,7 +594,7 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
         part_out = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
         part_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device)
         if fused:
-            merge_count = torch.zeros(num_tokens * kv_heads, dtype=torch.int32, device=query.device)
+            merge_count = _merge_counter(num_tokens * kv_heads, query.device)
     if cfg.grid_order == "token":
         grid = (num_tokens, kv_heads, num_splits)
     else:
@@ -622,12 +657,11 @@ def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
     upcast_dot = query.dtype == torch.bfloat16 and query.device.type != "cuda"  # the interpreter: see _attend_block
     int64_offsets = k_cache.numel() >= _INT32_OFFSET_LIMIT
-    search_chunk = min(triton.next_power_of_2(batch), _MAX_SEARCH_CHUNK)
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
 
     if num_tokens == batch:
         _launch_decode(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
-                       decode_config or _pick(DECODE_CONFIGS, d_pad), qk_scale, SEARCH_CHUNK=search_chunk,
+                       decode_config or _pick(DECODE_CONFIGS, d_pad), qk_scale, SEARCH_CHUNK=_SEARCH_CHUNK,
                        DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, INT64_OFFSETS=int64_offsets)
         return out
 
@@ -642,7 +676,7 @@ def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *cache_strides,
         GROUP=group, HEADS_PER_TILE=heads_per_tile, HEAD_CHUNKS=head_chunks, TOKENS_PER_TILE=tokens_per_tile,
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        SEARCH_CHUNK=search_chunk, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, INT64_OFFSETS=int64_offsets,
+        SEARCH_CHUNK=_SEARCH_CHUNK, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, INT64_OFFSETS=int64_offsets,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -11,16 +11,20 @@ from torch import Tensor
 
 # A whole row lives in registers; beyond this the kernel would spill (no Llama-family model comes close).
 MAX_HIDDEN = 65536
+# From this many rows on, the launcher takes its many-rows kernel variant (see rms_norm_launch_params). The
+# runtime's warm-up runs a step this large so that both variants compile before serving.
+MANY_ROWS = 1024
 
 
 def rms_norm_launch_params(hidden: int, n_rows: int) -> tuple[int, int]:
     """Default (rows_per_program, num_warps). benchmarks/bench_ops.py --sweep measures the alternatives.
 
     Narrow rows are batched into one program so each program still moves a few KiB; wide rows get one program
-    each, with enough warps that every thread holds a couple of 16-byte vectors.
+    each, with enough warps that every thread holds a couple of 16-byte vectors. Two regimes, so per hidden size
+    two compiled variants: below MANY_ROWS rows and from it on.
     """
     block = triton.next_power_of_2(hidden)
-    if n_rows < 1024:
+    if n_rows < MANY_ROWS:
         return 1, min(max(block // 512, 1), 16)
     # Many rows: ~16K elements and 16 warps a program. On an H200 (2026-11-26 sweep) [8192, 4096] bf16 ran at 84%
     # of copy bandwidth with (4, 16) against 54% with (1, 8); fused_add_rms_norm was at 89% with either.
@@ -41,7 +45,9 @@ def fused_add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, ep
     return rms_norm_reference(new_residual, weight, eps), new_residual
 
 
-@triton.jit
+# n_rows follows the step's token count: not specialised (Triton would compile a variant for 1 and for multiples
+# of 16); it only masks rows, never the contiguous axis.
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     n_rows, x_row_stride, residual_row_stride, hidden, eps,

@@ -45,9 +45,10 @@ def compile(model: torch.nn.Module, *, tokenizer=None, block_size: int = 16, num
     """Compile an unmodified HF causal LM (e.g. ``LlamaForCausalLM``) into a batched-generation engine.
 
     Allocates the paged KV cache (``num_kv_blocks`` blocks of ``block_size`` tokens; sized from free device memory
-    when None), rewrites and compiles the model over it, runs a warm-up step (a model the graph passes cannot
-    rewrite raises ``graph_passes.GraphRewriteError`` here) and, on a GPU unless ``enforce_eager``, captures the
-    decode CUDA graphs. ``inner_backend`` is what compiles the rewritten graph (``"inductor"``, or ``"eager"`` for
+    when None), rewrites and compiles the model over it, runs warm-up steps (a model the graph passes cannot
+    rewrite raises ``graph_passes.GraphRewriteError`` here; on a GPU they also compile every variant of the Triton
+    kernels, so that none compiles while serving) and, on a GPU unless ``enforce_eager``, captures the decode CUDA
+    graphs. ``inner_backend`` is what compiles the rewritten graph (``"inductor"``, or ``"eager"`` for
     a fast compile). ``seed`` draws the seeds of requests whose ``SamplingParams.seed`` is None.
     ``async_scheduling`` overlaps consecutive decode steps (see the module docstring); outputs are unchanged. None
     (the default) turns it on for a model on a GPU, where it removes the device's idle time between decode steps
@@ -91,7 +92,8 @@ class Engine:
         logits_size = model.get_output_embeddings().weight.shape[0]
         sampler = Sampler(logits_size, self.device, max(config.max_num_seqs, 2))
         self.runner = ModelRunner(self.paged_model, config, self.device, sampler)
-        # Start-up phases in seconds: the warm-up step (Dynamo capture, graph passes, Inductor) and graph capture.
+        # Start-up phases in seconds: the warm-up steps (Dynamo capture, graph passes, Inductor, Triton kernels) and
+        # graph capture.
         self.startup_times: dict[str, float] = {}
         start = time.perf_counter()
         self.runner.warm_up()

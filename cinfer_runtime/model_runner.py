@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cinfer_runtime.config import EngineConfig
+import cinfer_ops
+from cinfer_runtime.config import EngineConfig, cdiv
 from cinfer_runtime.cuda_graphs import DecodeGraphs, decode_buckets
 from cinfer_runtime.sampler import Sampler, SamplingRow
 from cinfer_runtime.sampling_params import SamplingParams
@@ -102,6 +103,26 @@ def _numpy_views(buffers: StepBuffers) -> dict[str, np.ndarray]:
     return {name: getattr(buffers, name).numpy() for name in StepBuffers.__dataclass_fields__}
 
 
+def warm_up_steps(max_batch: int, max_num_tokens: int, max_model_len: int, all_variants: bool) -> list[list[int]]:
+    """The new-token counts (one per made-up sequence) of the warm-up's dummy steps.
+
+    A small prefill-shaped and a small decode-shaped step compile the model and the sampler. With
+    ``all_variants`` (on a GPU, where the ops run Triton kernels) more steps compile the kernels' other variants,
+    which change only at thresholds on the step's size (``cinfer_ops.VARIANT_TOKEN_THRESHOLDS`` tokens; the decode
+    kernel's split count, which falls as the batch grows): a decode step of ``max_batch`` sequences and a prefill
+    step at each token threshold, or as large as a step gets (``max_num_tokens``, ``max_model_len`` a sequence)."""
+    steps = [[3, 2], [1, 1]]
+    if all_variants:
+        steps.append([1] * max_batch)
+        for threshold in sorted(set(cinfer_ops.VARIANT_TOKEN_THRESHOLDS)):
+            tokens = min(threshold, max_num_tokens, max_batch * max_model_len)
+            num_seqs = cdiv(tokens, max_model_len)
+            q_lens = [tokens // num_seqs + (i < tokens % num_seqs) for i in range(num_seqs)]
+            if q_lens not in steps:
+                steps.append(q_lens)
+    return steps
+
+
 class ModelRunner:
     def __init__(self, paged_model, config: EngineConfig, device: torch.device, sampler: Sampler):
         """paged_model: ``graph_passes.PagedModel``, ``(input_ids [1, N], positions [1, N], meta) -> logits
@@ -111,12 +132,13 @@ class ModelRunner:
         self.device = device
         self.sampler = sampler
         self.graphs: DecodeGraphs | None = None
-        use_graphs = device.type == "cuda" and not config.enforce_eager
+        on_gpu = device.type == "cuda"
+        use_graphs = on_gpu and not config.enforce_eager
         buckets = decode_buckets(config.max_num_seqs)
         # The warm-up runs two sequences whatever max_num_seqs is (one prefill- and one decode-shaped step).
         max_batch = max(buckets[-1] if use_graphs else config.max_num_seqs, 2)
         max_num_tokens = max(config.max_num_batched_tokens, max_batch)
-        on_gpu = device.type == "cuda"
+        self._warm_up_steps = warm_up_steps(max_batch, max_num_tokens, config.max_model_len, all_variants=on_gpu)
         self.host = StepBuffers.allocate(max_num_tokens, max_batch, config.max_blocks_per_seq, torch.device("cpu"),
                                          pin_memory=on_gpu)
         # On CPU the model reads the host buffers directly: nothing to copy. Launched steps alternate between two
@@ -132,15 +154,17 @@ class ModelRunner:
 
     @torch.no_grad()
     def warm_up(self) -> None:
-        """Run a prefill-shaped and a decode-shaped dummy step through the model and the sampler: this compiles
-        the model (so a model the graph passes cannot rewrite fails here) and the sampler's kernels."""
-        for q_lens in ([3, 2], [1, 1]):
+        """Run dummy steps (``warm_up_steps``) through the model and the sampler: the first compiles the model (so
+        a model the graph passes cannot rewrite fails here) and the sampler's kernels; on a GPU the others compile
+        the remaining Triton kernel variants, so that none compiles while serving or capturing CUDA graphs."""
+        for q_lens in self._warm_up_steps:
             self._fill_dummy(q_lens)
             logits = self.model(*self.dev.model_inputs(sum(q_lens), len(q_lens)))
             greedy = SamplingRow(SamplingParams(temperature=0.0), 0, 0, [0])
             rows = [greedy, SamplingRow(SamplingParams(temperature=1.0, top_k=8, top_p=0.9, min_p=0.01), 0, 0, [0])]
-            self.sampler(logits[:2], rows).tolist()
-            self.sampler(logits[:2], [greedy, greedy]).tolist()  # the all-greedy path (argmax of the raw logits)
+            rows = rows[:len(q_lens)]  # a long warm-up step may be one sequence
+            self.sampler(logits[:len(rows)], rows).tolist()
+            self.sampler(logits[:1], [greedy]).tolist()  # the all-greedy path (argmax of the raw logits)
 
     @torch.no_grad()
     def capture_decode_graphs(self) -> None:

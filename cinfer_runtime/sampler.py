@@ -334,14 +334,16 @@ class Sampler:
         floats[1] = [p.top_p if s and p.top_p < 1 else math.inf for p, s in zip(params, sampling)]
         floats[2] = [math.log(p.min_p) if s and p.min_p > 0 else -math.inf for p, s in zip(params, sampling)]
         floats[3] = sampling
-        ints = np.empty((3, batch), dtype=np.int64)
-        ints[0] = [p.top_k if s and 0 < p.top_k < vocab_size else vocab_size for p, s in zip(params, sampling)]
-        ints[1] = [_signed64(r.seed) for r in rows]
-        ints[2] = [r.step for r in rows]
-        use_top_k = bool((ints[0] < vocab_size).any())
+        # Rows of an even length, so that each row of ints_d starts 16-byte aligned whatever the batch: Triton
+        # compiles a kernel variant per pointer alignment, and seeds/steps would otherwise flip with its parity.
+        ints = np.zeros((3, batch + batch % 2), dtype=np.int64)
+        ints[0, :batch] = [p.top_k if s and 0 < p.top_k < vocab_size else vocab_size for p, s in zip(params, sampling)]
+        ints[1, :batch] = [_signed64(r.seed) for r in rows]
+        ints[2, :batch] = [r.step for r in rows]
+        use_top_k = bool((ints[0, :batch] < vocab_size).any())
         use_top_p = bool(np.isfinite(floats[1]).any())
         use_min_p = bool(np.isfinite(floats[2]).any())
-        floats_d, ints_d = self._upload(floats), self._upload(ints)
+        floats_d, ints_d = self._upload(floats), self._upload(ints)[:, :batch]
         temperature, top_p, log_min_p = floats_d[0, :, None], floats_d[1, :, None], floats_d[2, :, None]
         top_k, seeds, steps = ints_d[0, :, None], ints_d[1], ints_d[2]
 

@@ -294,6 +294,56 @@ def test_decode_padding_sequences(variant):
         assert torch.isfinite(out[2:]).all()  # unspecified, but a padding row must not turn into NaN
 
 
+FUSED_VARIANTS = [v for v in DECODE_VARIANTS if v.get("merge") == "fused"]
+
+
+@pytest.mark.parametrize("variant", FUSED_VARIANTS, ids=[VARIANT_IDS[DECODE_VARIANTS.index(v)] for v in FUSED_VARIANTS])
+def test_fused_merge_leaves_its_counters_zero(variant):
+    # The fused merge's arrival counters persist across launches (no fill kernel per call): each launch must leave
+    # them all zero, or the next would merge a group early (reading splits not yet written) or never. Calls in a
+    # row on one buffer, over NaN-poisoned caches: contexts of 1 to 7 splits, uneven queries with padding rows,
+    # padding sequences with empty contexts; each result checked, and the buffer after each call.
+    cases = [
+        Case(q_lens=[1] * 5, seq_lens=[1, 17, 48, 97, 112], num_kv_heads=2, group=4, head_dim=64, block_size=8,
+             dtype=torch.float32, seed=7),
+        Case(q_lens=[2, 0, 1], seq_lens=[22, 21, 64], num_kv_heads=1, group=2, head_dim=32, block_size=8,
+             dtype=torch.float16, seed=3),
+        Case(q_lens=[1, 1, 1, 1], seq_lens=[30, 9, 0, 0], num_kv_heads=1, group=4, head_dim=16, block_size=8,
+             dtype=torch.bfloat16, seed=5),
+    ]
+    cfg = DecodeConfig(16, 4, 1, partition_size=16, **variant)
+    counters = None
+    for case in cases * 2:
+        args = build(case, TRITON_DEVICE)
+        check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
+        buffers = paged_attention_module._merge_counters[args[0].device]
+        counters = counters if counters is not None else buffers[-1]
+        assert buffers[-1] is counters, "the counters must be reused, not reallocated"
+        assert all(int(b.count_nonzero()) == 0 for b in buffers), f"counters left non-zero after {case}"
+
+
+def test_merge_counters_grow_and_keep_old_buffers(monkeypatch):
+    # Grown on demand (outside CUDA-graph capture), doubling; a superseded buffer stays referenced because graphs
+    # captured over it still use it. A larger step after a smaller one must merge correctly on the grown buffer.
+    monkeypatch.setattr(paged_attention_module, "_merge_counters", {})
+    monkeypatch.setattr(paged_attention_module, "_MIN_MERGE_COUNTERS", 4)
+    device = torch.device(TRITON_DEVICE)
+    counter = paged_attention_module._merge_counter
+    first = counter(3, device)
+    assert first.numel() == 4 and first.dtype == torch.int32 and counter(4, device) is first
+    second = counter(5, device)
+    assert second.numel() == 8 and paged_attention_module._merge_counters[device] == [first, second]
+    assert counter(20, device).numel() == 20 and len(paged_attention_module._merge_counters[device]) == 3
+    cfg = DecodeConfig(16, 4, 1, partition_size=16, merge="fused")
+    for batch in (2, 12):  # 4 then 24 counters
+        case = Case(q_lens=[1] * batch, seq_lens=[17 + 5 * i for i in range(batch)], num_kv_heads=2, group=2,
+                    head_dim=16, block_size=8, dtype=torch.float32, seed=batch)
+        args = build(case, TRITON_DEVICE)
+        check(case, paged_attention_triton(*args, decode_config=cfg), args)
+    buffers = paged_attention_module._merge_counters[device]
+    assert len(buffers) == 4 and buffers[-1].numel() == 40 and all(int(b.count_nonzero()) == 0 for b in buffers)
+
+
 # ---- the registered op -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", OP_DEVICES)

@@ -1,13 +1,17 @@
 """The engine on a GPU in bf16, CUDA graphs on and off: greedy outputs equal HF ``generate`` up to near-ties (where
 the two first differ, HF's logits for the two tokens must be within the bf16 logits tolerance), under chunked
 prefill and under heavy preemption; decode steps really replay graphs; the cache is sized from device memory."""
+import importlib
+from collections import defaultdict
+
 import pytest
 import torch
+import triton
 
 import cinfer_runtime
 from cinfer_runtime import SamplingParams
 
-from .conftest import MAX_TOKENS, assert_same_or_tie, gpu_margin, hf_greedy
+from .conftest import GPU_DTYPE, MAX_TOKENS, assert_same_or_tie, gpu_margin, hf_greedy, make_prompts, tiny_llama
 
 pytestmark = pytest.mark.gpu
 
@@ -65,3 +69,37 @@ def test_cache_sized_from_device_memory(gpu_model):
     out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)[0]
     assert out.token_ids == hf_greedy(gpu_model, [5, 6, 7], 4)[:len(out.token_ids)]
     del engine
+
+
+KERNEL_MODULES = ["cinfer_ops.paged_attention", "cinfer_ops.rms_norm", "cinfer_ops.kv_cache_write",
+                  "cinfer_runtime.sampler"]
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda_graphs", "eager"])
+def test_no_triton_compile_after_start_up(enforce_eager, monkeypatch):
+    # Every Triton kernel variant compiles inside compile() (warm-up steps, graph capture), none in generate():
+    # Triton's jit_post_compile_hook fires once per new in-memory variant (a compile or a load from its disk
+    # cache). The kernels' in-memory caches start empty for this test (monkeypatch restores them, so kernels that
+    # earlier tests' CUDA graphs use stay alive), so what earlier tests compiled cannot hide a gap in the warm-up.
+    # Steps of many sizes: prompts of 1 to 1500 tokens (prefill steps past the many-tokens thresholds), 1 to 40
+    # requests per call, greedy and sampled, batches shrinking as requests finish.
+    for module in map(importlib.import_module, KERNEL_MODULES):
+        for kernel in vars(module).values():
+            if isinstance(kernel, triton.runtime.jit.JITFunction):
+                monkeypatch.setattr(kernel, "device_caches", defaultdict(kernel.create_binder))
+    model = tiny_llama(dtype=GPU_DTYPE, device="cuda", vocab_size=1024, hidden_size=320, intermediate_size=640,
+                       num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=1,
+                       max_position_embeddings=2048)
+    engine = cinfer_runtime.compile(model, num_kv_blocks=1024, max_num_seqs=48, max_num_batched_tokens=2048,
+                                    enforce_eager=enforce_eager)
+    calls = [[1500, 3, 700, 17, 1, 90, 33, 250] * 5, [1], [64, 2, 5], [1200, 1200]]
+    compiled = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook",
+                        lambda **kwargs: compiled.append(kwargs["repr"]))
+    for seed, lens in enumerate(calls):
+        prompts = make_prompts(model.config.vocab_size, lens=lens, seed=seed)
+        params = [SamplingParams(max_tokens=1 + 7 * i % 23, temperature=0.8 if i % 3 else 0.0, seed=i,
+                                 ignore_eos=True) for i in range(len(prompts))]
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        assert [len(o.token_ids) for o in outs] == [p.max_tokens for p in params]
+    assert not compiled, f"Triton compiled {len(compiled)} kernel variant(s) while serving: {compiled}"

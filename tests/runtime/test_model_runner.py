@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from cinfer_runtime.block_manager import BlockManager
 from cinfer_runtime.config import EngineConfig
 from cinfer_runtime.cuda_graphs import decode_buckets
-from cinfer_runtime.model_runner import ModelRunner
+from cinfer_runtime.model_runner import ModelRunner, warm_up_steps
 from cinfer_runtime.sampler import Sampler
 from cinfer_runtime.sampling_params import SamplingParams
 from cinfer_runtime.scheduler import Scheduler
@@ -77,3 +77,20 @@ def test_decode_buckets():
     assert decode_buckets(8) == [1, 2, 4, 8]
     assert decode_buckets(20) == [1, 2, 4, 8, 16, 24]
     assert decode_buckets(256) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64] + list(range(80, 257, 16))
+
+
+def test_warm_up_steps_fit_the_static_buffers():
+    # On a GPU the warm-up adds the steps that compile every Triton kernel variant (tests/ops/test_kernel_variants.py
+    # checks which): a decode step at the largest batch and one as long as a step gets, here a single sequence (one
+    # logits row for the sampler). They must fit the runner's buffers and write nothing to the caches.
+    config, model, runner = make_runner(max_num_seqs=4, budget=24)
+    steps = warm_up_steps(4, 24, config.max_model_len, all_variants=True)
+    assert steps == [[3, 2], [1, 1], [1] * 4, [24]]
+    assert warm_up_steps(4, 24, config.max_model_len, all_variants=False) == steps[:2]
+    runner._warm_up_steps = steps
+    runner.warm_up()
+    assert len(model.calls) == len(steps)
+    for q_lens, (input_ids, positions, meta) in zip(steps, model.calls):
+        assert input_ids.shape == (1, sum(q_lens)) and meta["seq_lens"].tolist() == q_lens
+        assert positions[0].tolist() == [p for n in q_lens for p in range(n)]
+        assert (meta["slot_mapping"] == -1).all()

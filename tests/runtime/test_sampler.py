@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
+import cinfer_runtime.sampler as sampler_module
 from cinfer_runtime.sampler import (PARTIALS_BLOCK, SPLIT_BLOCK, Sampler, SamplingRow, argmax_triton,
                                     gumbel_argmax_torch, gumbel_argmax_triton, row_keys, split_for, uniforms)
 from cinfer_runtime.sampling_params import SamplingParams
+from tests.kernel_keys import Recorder
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)] if HAS_CUDA else ["cpu"]
@@ -240,6 +242,22 @@ def test_split_argmax_at_llama3_shapes_without_host_sync():
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             assert torch.equal(got, want), (batch, dtype)
+
+
+def test_triton_kernel_compiles_one_variant_for_any_batch(monkeypatch):
+    # Triton compiles a variant per pointer alignment (tests/kernel_keys.py): the seeds/steps rows the sampler
+    # uploads must start 16-byte aligned whatever the batch, or a sampled step of a new batch parity would compile
+    # while serving. The kernel is only recorded, not run.
+    recorder = Recorder("_chunk_argmax_kernel", sampler_module._chunk_argmax_kernel)
+    monkeypatch.setattr(sampler_module, "_chunk_argmax_kernel", recorder)
+    sampler = Sampler(64, "cpu", 16)
+    monkeypatch.setattr(sampler, "_use_triton", True)
+    for batch in range(1, 10):
+        params = [SamplingParams(temperature=0.7, top_k=5 if i % 2 else -1) if i % 3 else SamplingParams(temperature=0)
+                  for i in range(batch)]
+        params[0] = SamplingParams(temperature=1.0, top_p=0.9)
+        sampler(torch.randn(batch, 64), rows_for(params, seeds=list(range(batch))))
+    assert len(recorder.keys) == 2  # the gumbel variant (sampled rows) and the plain one (the greedy rows' argmax)
 
 
 # ---- greedy and repetition penalty --------------------------------------------------------------------------------
