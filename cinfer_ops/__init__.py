@@ -8,6 +8,7 @@ op contract.
 from cinfer_ops.rms_norm import fused_add_rms_norm, rms_norm  # noqa: F401  (registers the ops)
 from cinfer_ops.kv_cache_write import kv_cache_write  # noqa: F401
 from cinfer_ops.paged_attention import paged_attention  # noqa: F401
+from cinfer_ops.rope_kv_cache_write import rope_kv_cache_write  # noqa: F401
 from cinfer_ops.linear import linear  # noqa: F401
 
-__all__ = ["rms_norm", "fused_add_rms_norm", "kv_cache_write", "paged_attention", "linear"]
+__all__ = ["rms_norm", "fused_add_rms_norm", "kv_cache_write", "paged_attention", "rope_kv_cache_write", "linear"]
