@@ -13,6 +13,8 @@ WRONG and never counts as meeting its target. A failing section prints its error
 Sections and targets (percent of copy bandwidth, or ratio to the alternative):
   rms_norm, fused_add_rms_norm  [8192, 4096] bf16                              >= 85%  vs eager / torch.compile
   kv_cache_write                8192 tokens x 8 kv heads x 128, block 16        >= 70%  vs index_copy_ reference
+  rope_kv_cache_write decode    2 tokens x 32 q / 8 kv heads x 128 (qkv views)  >= 1.5x Inductor RoPE + kv_cache_write
+  rope_kv_cache_write prefill   8192 tokens, same heads                         >= 70%  vs the same
   paged_attention decode        32 q / 8 kv heads x 128, block 16, 3 shapes     >= 80%  vs SDPA on dense K/V
   paged_attention prefill       8 x 2048 tokens causal                          >= 0.8x SDPA flash
 """
@@ -248,6 +250,102 @@ def sweep_kv_cache_write(args, copy_bw: float) -> list[dict]:
     return rows
 
 
+# -------------------------------------------------------------------------------------- rope_kv_cache_write
+def _rope_inputs(num_tokens: int, num_heads: int, kv_heads: int, head_dim: int, block_size: int):
+    """q/k/v as views of one fused qkv projection output (as the compiled graph passes them), HF-style cos/sin in
+    bf16, NaN caches; and the bytes the op must move."""
+    from cinfer_ops.rope_kv_cache_write import rope_reference
+
+    qkv = _randn(num_tokens, (num_heads + 2 * kv_heads) * head_dim)
+    q_cols, kv_cols = num_heads * head_dim, kv_heads * head_dim
+    query = qkv[:, :q_cols].view(num_tokens, num_heads, head_dim)
+    key = qkv[:, q_cols:q_cols + kv_cols].view(num_tokens, kv_heads, head_dim)
+    value = qkv[:, q_cols + kv_cols:].view(num_tokens, kv_heads, head_dim)
+    positions = torch.randint(0, 8192, (num_tokens, 1), device=DEVICE).float()
+    inv_freq = 500000.0 ** -(torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim)
+    angles = torch.cat([positions * inv_freq] * 2, dim=-1)
+    cos, sin = angles.cos().to(DTYPE), angles.sin().to(DTYPE)
+    num_blocks = math.ceil(num_tokens / block_size) + 1
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), device=DEVICE, dtype=DTYPE)
+    v_cache = k_cache.clone()
+    slot_mapping = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    elem = qkv.element_size()
+    nbytes = (2 * qkv.numel() + 2 * kv_cols * num_tokens + 2 * cos.numel()) * elem + slot_mapping.numel() * 8
+    expected_q = rope_reference(query.float(), cos, sin)
+    expected_k = rope_reference(key.float(), cos, sin)
+    return (query, key, value, cos, sin, k_cache, v_cache, slot_mapping), nbytes, expected_q, expected_k
+
+
+def _hf_rope_qk(query, key, cos, sin):
+    """HF's apply_rotary_pos_emb on [1, heads, tokens, D] views, as the model's graph computes it before the
+    attention pass; compiled by Inductor it is what the fused op replaces (with kv_cache_write)."""
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    q, k = query.transpose(0, 1)[None], key.transpose(0, 1)[None]
+    cos, sin = cos[None, None], sin[None, None]
+    q_embed, k_embed = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return q_embed[0].transpose(0, 1).contiguous(), k_embed[0].transpose(0, 1).contiguous()
+
+
+def bench_rope_kv_cache_write(args, copy_bw: float) -> list[dict]:
+    num_heads, kv_heads, head_dim, block_size = (4, 2, 64, 16) if args.smoke else (32, 8, 128, 16)
+    compiled_rope = torch.compile(_hf_rope_qk)
+
+    def unfused(query, key, value, cos, sin, k_cache, v_cache, slot_mapping):
+        q_rot, k_rot = compiled_rope(query, key, cos, sin)
+        torch.ops.cinfer.kv_cache_write(k_rot, value, k_cache, v_cache, slot_mapping)
+        return q_rot
+
+    rows = []
+    shapes = [(2, "speedup", 1.5), (64 if args.smoke else 8192, "roofline", 0.70)]
+    for num_tokens, target_kind, target in shapes:
+        inputs, nbytes, expected_q, expected_k = _rope_inputs(num_tokens, num_heads, kv_heads, head_dim, block_size)
+        sec = Section("rope_kv_cache_write", f"{num_tokens} tok x {num_heads}/{kv_heads} x {head_dim} bf16",
+                      nbytes=nbytes, copy_bw=copy_bw, target=target, target_kind=target_kind)
+        query, key, value, cos, sin, k_cache, v_cache, slot_mapping = inputs
+
+        def check(fn):
+            kc, vc = torch.full_like(k_cache, float("nan")), torch.full_like(v_cache, float("nan"))
+            out = fn(query, key, value, cos, sin, kc, vc, slot_mapping)
+            err_q, ok_q = _error(out, expected_q, TOL_ELEMENTWISE)
+            slots = kc.view(-1, kv_heads, head_dim)
+            err_k, ok_k = _error(slots[slot_mapping], expected_k, TOL_ELEMENTWISE)
+            ok_v = torch.equal(vc.view(-1, kv_heads, head_dim)[slot_mapping], value)
+            return max(err_q, err_k), ok_q and ok_k and ok_v
+
+        for impl, fn in (("cinfer", torch.ops.cinfer.rope_kv_cache_write),
+                         ("Inductor RoPE + kv_cache_write", unfused)):
+            sec.measure(impl, lambda fn=fn: fn(*inputs), check=lambda fn=fn: check(fn))
+        rows += sec.finish()
+        del inputs, query, key, value, k_cache, v_cache
+        _free()
+    return rows
+
+
+def sweep_rope_kv_cache_write(args, copy_bw: float) -> list[dict]:
+    """Every (heads_per_program, num_warps) of the Triton launcher at a decode and a prefill token count."""
+    from cinfer_ops.rope_kv_cache_write import rope_kv_cache_write_launch_params, rope_kv_cache_write_triton
+
+    num_heads, kv_heads, head_dim, block_size = (4, 2, 64, 16) if args.smoke else (32, 8, 128, 16)
+    token_counts = [2, 64] if args.smoke else [2, 16, 8192]
+    grid = ([1, 4], [1, 4]) if args.smoke else ([1, 2, 4, 8, 16, 32], [1, 2, 4, 8])
+    rows = []
+    for num_tokens in token_counts:
+        inputs, nbytes, _, _ = _rope_inputs(num_tokens, num_heads, kv_heads, head_dim, block_size)
+        default = rope_kv_cache_write_launch_params(num_heads, kv_heads, head_dim)
+        for heads, num_warps in itertools.product(*grid):
+            kw = dict(heads_per_program=heads, num_warps=num_warps)
+            rows.append(_sweep_point(
+                "rope_kv_cache_write", f"{num_tokens} x {num_heads}/{kv_heads} x {head_dim}", kw,
+                lambda kw=kw: rope_kv_cache_write_triton(*inputs, **kw), nbytes, copy_bw,
+                default == (heads, num_warps)))
+        del inputs
+        _free()
+    return rows
+
+
 def _sweep_point(op: str, shape: str, params: dict, fn, nbytes: int, copy_bw: float, is_default: bool) -> dict:
     row = dict(op=op, shape=shape, params=" ".join(f"{k}={v}" for k, v in params.items()),
                default="*" if is_default else "")
@@ -388,9 +486,9 @@ def bench_prefill(args, copy_bw: float) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------- main
-SECTIONS = {"norms": bench_norms, "kv_cache_write": bench_kv_cache_write, "decode": bench_decode,
-            "prefill": bench_prefill}
-SWEEPS = {"norms": sweep_norms, "kv_cache_write": sweep_kv_cache_write}
+SECTIONS = {"norms": bench_norms, "kv_cache_write": bench_kv_cache_write, "rope": bench_rope_kv_cache_write,
+            "decode": bench_decode, "prefill": bench_prefill}
+SWEEPS = {"norms": sweep_norms, "kv_cache_write": sweep_kv_cache_write, "rope": sweep_rope_kv_cache_write}
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@ op contract.
 from cinfer_ops.rms_norm import MANY_ROWS, fused_add_rms_norm, rms_norm  # noqa: F401  (registers the ops)
 from cinfer_ops.kv_cache_write import MANY_TOKENS, kv_cache_write  # noqa: F401
 from cinfer_ops.paged_attention import paged_attention  # noqa: F401
+from cinfer_ops.rope_kv_cache_write import rope_kv_cache_write  # noqa: F401
 from cinfer_ops.linear import linear  # noqa: F401
 
 # The Triton launchers pick their kernel variants (constexprs, num_warps) from the model's shapes, the cache and
@@ -17,5 +18,5 @@ from cinfer_ops.linear import linear  # noqa: F401
 # (cinfer_runtime.model_runner.warm_up_steps).
 VARIANT_TOKEN_THRESHOLDS = (MANY_ROWS, MANY_TOKENS)
 
-__all__ = ["rms_norm", "fused_add_rms_norm", "kv_cache_write", "paged_attention", "linear",
+__all__ = ["rms_norm", "fused_add_rms_norm", "kv_cache_write", "paged_attention", "rope_kv_cache_write", "linear",
            "VARIANT_TOKEN_THRESHOLDS"]

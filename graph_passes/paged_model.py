@@ -14,11 +14,12 @@ How the step's metadata and the caches enter the graph
 Dynamo traces straight through the HF code, so the graph holds HF's embedding, projections, RoPE (computed from
 ``position_ids`` as usual), causal-mask construction, SDPA / eager attention, norms and ``lm_head`` over the rows
 ``logits_indices`` selects. The marker keeps the metadata and caches as graph inputs; our backend runs the pass
-manager (attention -> rms_norm -> fused_add_rms_norm -> fuse_projections), which wires them into
-``cinfer.kv_cache_write`` / ``cinfer.paged_attention``, erases the marker and the now-dead mask, stacks each layer's
-q/k/v and gate/up weights into one projection each (re-pointing the model's parameters into the stacked tensors),
-then hands the graph to Inductor. Everything stays inside one ``torch.compile``; the caches are written in place
-through the ops' ``Tensor(a!)`` arguments.
+manager (attention -> rope -> rms_norm -> fused_add_rms_norm -> fuse_projections -> linear), which wires them into
+``cinfer.kv_cache_write`` / ``cinfer.paged_attention``, erases the marker and the now-dead mask, fuses each layer's
+q/k RoPE with its cache write (``cinfer.rope_kv_cache_write``), stacks each layer's q/k/v and gate/up weights into
+one projection each (re-pointing the model's parameters into the stacked tensors), then hands the graph to Inductor.
+Everything stays inside one ``torch.compile``; the caches are written in place through the ops' ``Tensor(a!)``
+arguments.
 
 Dynamic shapes (the rules the runtime relies on)
 ------------------------------------------------

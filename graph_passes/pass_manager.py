@@ -3,15 +3,19 @@
 Order (each pass is a plain ``GraphModule -> int`` function in its own module):
 
 1. ``attention``           (``attention_pass.rewrite_attention``)          -- only for a paged graph (marker present)
-2. ``rms_norm``            (``rms_norm_pass.fuse_rms_norm``)
-3. ``fused_add_rms_norm``  (``fused_add_rms_norm_pass.fuse_add_rms_norm``) -- needs 2's ``cinfer.rms_norm`` nodes
-4. ``fuse_projections``    (``fuse_projections_pass.fuse_projections``)    -- needs the real weights
+2. ``rope``                (``rope_pass.fuse_rope_kv_cache_write``)        -- only for a paged graph; needs 1's
+   ``cinfer.kv_cache_write``; q/k RoPE + the cache write -> ``cinfer.rope_kv_cache_write``
+3. ``rms_norm``            (``rms_norm_pass.fuse_rms_norm``)
+4. ``fused_add_rms_norm``  (``fused_add_rms_norm_pass.fuse_add_rms_norm``) -- needs 3's ``cinfer.rms_norm`` nodes
+5. ``fuse_projections``    (``fuse_projections_pass.fuse_projections``)    -- needs the real weights
    (``example_inputs``); stacks q/k/v and gate/up, re-pointing the fused parameters' ``.data`` into the stacks
-5. ``linear``              (``linear_pass.route_linears``)                 -- after 4, so fused projections are
+   (after 2, whose op then reads q/k/v as column slices of the fused output: it takes strided inputs)
+6. ``linear``              (``linear_pass.route_linears``)                 -- after 5, so fused projections are
    included; ``F.linear`` -> ``cinfer.linear`` (a streaming kernel for few-row steps on the GPU)
 
 For a paged graph the attention pass must rewrite exactly one site per layer, otherwise ``GraphRewriteError``
 names the model class, the pattern and why each candidate was rejected: there is no silent eager fallback.
+The RoPE pass is an optimisation: a layer whose RoPE does not match keeps its ``kv_cache_write`` (logged).
 """
 import logging
 
@@ -25,10 +29,11 @@ from graph_passes.fx_utils import is_op
 from graph_passes.linear_pass import route_linears
 from graph_passes.paged_inputs import PagedInputs
 from graph_passes.rms_norm_pass import fuse_rms_norm
+from graph_passes.rope_pass import fuse_rope_kv_cache_write
 
 logger = logging.getLogger(__name__)
 
-PASS_ORDER = ("attention", "rms_norm", "fused_add_rms_norm", "fuse_projections", "linear")
+PASS_ORDER = ("attention", "rope", "rms_norm", "fused_add_rms_norm", "fuse_projections", "linear")
 
 
 def model_class_name(gm: fx.GraphModule) -> str:
@@ -70,8 +75,13 @@ def run_passes(gm: fx.GraphModule, example_inputs: list | None = None, *, num_la
         if leftover:
             raise GraphRewriteError(f"{model_name}: scaled_dot_product_attention left after the attention pass: "
                                     f"{leftover}")
+        rope_rejected: list[str] = []
+        report["rope"] = fuse_rope_kv_cache_write(gm, rope_rejected)
+        if rope_rejected:
+            logger.info("%s: RoPE fused with the cache write in %d of %d layers; the others keep HF's RoPE and "
+                        "kv_cache_write: %s", model_name, report["rope"], num_layers, "; ".join(rope_rejected))
     else:
-        report["attention"] = 0
+        report["attention"] = report["rope"] = 0
         logger.info("%s: no paged cache bound to this graph, so attention is left to SDPA / eager attention "
                     "(only the norm and projection passes run)", model_name)
 

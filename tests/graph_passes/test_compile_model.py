@@ -14,7 +14,7 @@ from tests.tolerances import LOGITS
 
 def _assert_rewritten(paged, num_layers: int) -> None:
     """Exact op counts of the graph handed to the inner backend."""
-    assert paged.report == {"attention": num_layers, "rms_norm": 2 * num_layers + 1,
+    assert paged.report == {"attention": num_layers, "rope": num_layers, "rms_norm": 2 * num_layers + 1,
                             "fused_add_rms_norm": 2 * num_layers, "fuse_projections": 2 * num_layers,
                             "linear": 4 * num_layers + 1}
     before, after = paged.ops_before, op_counts(paged.graph_module)
@@ -24,21 +24,33 @@ def _assert_rewritten(paged, num_layers: int) -> None:
     assert after["matmul"] == before["matmul"] - 2 * before["softmax"]  # eager attention's two; RoPE may keep one
     assert after["rsqrt"] == 0 and after["mean"] == 0
     assert after["cinfer.paged_attention.default"] == num_layers
-    assert after["cinfer.kv_cache_write.default"] == num_layers
+    # q/k RoPE and the cache write are one op per layer; HF's rotate_half (neg + cat) is gone, only the cat of the
+    # rotary module's cos/sin table (shared by all layers) stays.
+    assert after["cinfer.rope_kv_cache_write.default"] == num_layers
+    assert after["cinfer.kv_cache_write.default"] == 0
+    assert before["neg"] == 2 * num_layers and after["neg"] == 0
+    assert after["cat"] == before["cat"] - 2 * num_layers == 1
     assert after["cinfer.fused_add_rms_norm.default"] == 2 * num_layers
     assert after["cinfer.rms_norm.default"] == 1
     assert after["cinfer_graph.bind_paged_inputs.default"] == 0
-    # kv_cache_write takes v as the projection's (strided) view: no copy of it is asked for, only of q and k.
+    # rope_kv_cache_write takes q, k and v as views of the fused qkv projection's output: no copy is asked for.
     for node in paged.graph_module.graph.nodes:
-        if node.target is torch.ops.cinfer.kv_cache_write.default:
-            value = node.args[1]
-            assert not (value.op == "call_method" and value.target == "contiguous"), value.format_node()
+        if node.target is torch.ops.cinfer.rope_kv_cache_write.default:
+            for operand in node.args[:3]:
+                assert _projection_view(operand), operand.format_node()
     # per layer q/k/v -> one linear, gate/up -> one linear; o_proj, down_proj and lm_head stay; all become cinfer.linear
     assert before["linear"] == 7 * num_layers + 1 and after["linear"] == 0
     assert after["cinfer.linear.default"] == 4 * num_layers + 1
     # HF's causal-mask construction (packed-sequence detection from positions, the mask itself) is dead and gone.
     assert after["diff"] == 0 and after["cumsum"] == 0
     assert not [n.name for n in paged.graph_module.graph.nodes if "mask" in n.name]
+
+
+def _projection_view(node) -> bool:
+    """True when ``node`` is a chain of views (no copy) down to the fused projection's ``narrow``."""
+    while node.op == "call_method" and node.target in ("squeeze", "transpose", "view"):
+        node = node.args[0]
+    return node.target is torch.narrow
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -157,4 +157,4 @@ def test_registered_cinfer_backend_on_plain_model(caplog):
         expected = model(input_ids=input_ids, use_cache=False).logits
     assert_close(actual, expected, LOGITS, torch.float32)
     assert "attention is left to SDPA" in caplog.text
-    assert "attention=0, rms_norm=3, fused_add_rms_norm=2, fuse_projections=2" in caplog.text
+    assert "attention=0, rope=0, rms_norm=3, fused_add_rms_norm=2, fuse_projections=2" in caplog.text
