@@ -169,6 +169,7 @@ def main():
                         row.update(engine.startup_times)
                         print("torch.compile phases (s):\n" + torch._dynamo.utils.compile_times(repr="str",
                                                                                           aggregate=True))
+                        print("inductor counters:", dict(torch._dynamo.utils.counters["inductor"]))
             except Exception as e:  # one peer failing must not hide the others' numbers
                 row = dict(peer=peer, batch=batch, error=f"{type(e).__name__}: {e}"[:300])
             if batch == 1 and "tok_s" in row:
@@ -192,7 +193,8 @@ def main():
             o = by.get((other, r["batch"]))
             if r["peer"] == "cinfer" and o and "tok_s" in r and "tok_s" in o:
                 r["x_" + other] = r["tok_s"] / o["tok_s"]
-    print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "compile_s", "cuda_graphs_s",
+    print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "compile_s", "passes_s",
+                       "inner_compile_s", "cuda_graphs_s",
                        "pct_roofline", "x_hf_static",
                        "x_cinfer_sync", "x_cinfer_cublas", "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_generate_{args.model.replace('/', '_')}.json",

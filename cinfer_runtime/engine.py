@@ -98,6 +98,7 @@ class Engine:
         start = time.perf_counter()
         self.runner.warm_up()
         self.startup_times["compile_s"] = time.perf_counter() - start
+        self.startup_times.update(self.paged_model.compile_times)  # parts of compile_s
         if self.runner.graphs is not None:
             start = time.perf_counter()
             self.runner.capture_decode_graphs()

@@ -49,6 +49,7 @@ Triton kernels); its outputs come from the capture's memory pool. Capture after 
 import contextlib
 import itertools
 import logging
+import time
 import types
 
 import torch
@@ -155,19 +156,25 @@ class PagedModel:
             torch._dynamo.maybe_mark_dynamic(cache, 0)
         self.inner_backend = inner_backend
         self.report: dict[str, int] = {}
+        self.compile_times: dict[str, float] = {}  # seconds in the graph passes and in the inner compiler
         self.graph_module: fx.GraphModule | None = None
         self.ops_before = None
         self.ops_after = None
         self._step = torch.compile(_make_step(model), backend=self._backend, fullgraph=True)
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list):
+        start = time.perf_counter()
         self.ops_before = op_counts(gm)
         example_inputs = list(example_inputs)  # the projection pass swaps in fakes for the parameters it re-pointed
         self.report = run_passes(gm, example_inputs, num_layers=len(self.k_caches),
                                  model_name=type(self.model).__name__)
         self.ops_after = op_counts(gm)
         self.graph_module = gm
-        return compile_inner(gm, example_inputs, self.inner_backend)
+        self.compile_times["passes_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = compile_inner(gm, example_inputs, self.inner_backend)
+        self.compile_times["inner_compile_s"] = time.perf_counter() - start
+        return compiled
 
     def __call__(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
         """input_ids, positions: int64 [1, num_tokens] (the step's tokens, flattened). Writes this step's K/V into
