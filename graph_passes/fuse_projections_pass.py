@@ -51,7 +51,7 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import is_fake
 
-from graph_passes.fx_utils import arg, fake, is_op, is_parameter
+from graph_passes.fx_utils import arg, fake, is_op, is_parameter, op_name
 
 logger = logging.getLogger(__name__)
 
@@ -299,11 +299,25 @@ def _strided_view_is_fine(narrow: fx.Node) -> bool:
 _SIGNATURE_DEPTH = 6
 
 
+def _layout(sizes) -> tuple:
+    """Sizes or strides with every symbolic entry as "sym": another layer's inputs (its KV cache, say) carry
+    symbols of their own, which do not change how the narrow's users treat its layout."""
+    return tuple(int(v) if isinstance(v, int) or not isinstance(v, torch.SymInt) else
+                 (int(v) if v.node.is_constant() else "sym") for v in sizes)
+
+
+# Ops whose result may alias their input (canonical names, graph_passes.fx_utils.op_name): the layout check follows
+# these; any other user only reads the tensor.
+_VIEW_OPS = {"reshape", "transpose", "getitem", "narrow", "permute", "unsqueeze", "squeeze", "expand", "select",
+             "split", "chunk", "unbind", "flatten", "unflatten", "t", "view_as", "as_strided", "contiguous", "to",
+             "type_as", "float", "half", "bfloat16", "movedim", "swapdims", "diagonal", "unfold", "detach"}
+
+
 def _signature(narrow: fx.Node) -> tuple | None:
-    """What ``_strided_view_is_fine`` depends on, as a hashable structure: the narrow's fake layout and its users'
-    subgraph to ``_SIGNATURE_DEPTH`` levels (targets, constant arguments, other inputs' fake shapes and strides).
-    Every layer of a model gives the same signature, so the check runs once per distinct one. None when the
-    subgraph is deeper than that (no memo: the check runs)."""
+    """What ``_strided_view_is_fine`` depends on, as a hashable structure: the narrow's fake layout and the
+    subgraph of its users (targets, constant arguments, other inputs' shapes), followed through view-like ops to
+    ``_SIGNATURE_DEPTH`` levels. Every layer of a model gives the same signature, so the check runs once per
+    distinct one. None when a view chain is deeper than that (no memo: the check runs)."""
     truncated = False
 
     def describe(value, inside: dict[fx.Node, int]):
@@ -311,7 +325,8 @@ def _signature(narrow: fx.Node) -> tuple | None:
             if value in inside:
                 return ("@", inside[value])
             val = fake(value)
-            return ("node", None if val is None else (str(val.shape), str(val.stride()), str(val.dtype)))
+            # Not their strides: a layer whose check was memoized keeps trace-time strides on its other nodes.
+            return ("node", None if val is None else (_layout(val.shape), str(val.dtype)))
         if isinstance(value, list | tuple):
             return tuple(describe(v, inside) for v in value)
         if isinstance(value, dict):
@@ -320,14 +335,14 @@ def _signature(narrow: fx.Node) -> tuple | None:
 
     def users(node: fx.Node, depth: int, inside: dict[fx.Node, int]):
         nonlocal truncated
-        if depth == _SIGNATURE_DEPTH:
-            truncated = truncated or bool(node.users)
-            return ()
         out = []
         for user in node.users:
             scope = {**inside, user: len(inside)}
-            out.append((user.op, str(user.target), describe(user.args, inside), describe(user.kwargs, inside),
-                        users(user, depth + 1, scope)))
+            follow = op_name(user) in _VIEW_OPS
+            if follow and depth + 1 == _SIGNATURE_DEPTH:
+                truncated = True
+            below = users(user, depth + 1, scope) if follow and not truncated else ()
+            out.append((user.op, str(user.target), describe(user.args, inside), describe(user.kwargs, inside), below))
         return tuple(out)
 
     base = fake(narrow)

@@ -244,7 +244,8 @@ def test_rejects_bad_arguments(impl):
                     cos=torch.randn(4, 16), sin=torch.randn(4, 16), k_cache=torch.zeros(2, 8, 2, 16),
                     v_cache=torch.zeros(2, 8, 2, 16), slot_mapping=torch.arange(4))
         base.update(changes)
-        return [t.to(device) for t in base.values()]
+        # A callable builds its tensor on the device: .to() would make a strided view contiguous.
+        return [t(device) if callable(t) else t.to(device) for t in base.values()]
 
     cases = [
         (dict(query=torch.randn(4, 64)), "query must be"),
@@ -258,8 +259,9 @@ def test_rejects_bad_arguments(impl):
         (dict(sin=torch.randn(2, 4, 16)), r"sin must be \[num_tokens, head_dim\]"),
         (dict(cos=torch.randn(4, 16, dtype=torch.float64)), "cos must be float32, float16 or bfloat16"),
         (dict(k_cache=torch.zeros(2, 8, 1, 16), v_cache=torch.zeros(2, 8, 1, 16)), "kv_heads, head_dim"),
-        (dict(k_cache=torch.zeros(2, 16, 2, 16)[:, ::2]), "caches must both be|contiguous"),
-        (dict(k_cache=torch.zeros(2, 16, 2, 16)[:, ::2], v_cache=torch.zeros(2, 16, 2, 16)[:, ::2]), "contiguous"),
+        (dict(k_cache=lambda d: torch.zeros(2, 16, 2, 16, device=d)[:, ::2]), "caches must both be|contiguous"),
+        (dict(k_cache=lambda d: torch.zeros(2, 16, 2, 16, device=d)[:, ::2],
+              v_cache=lambda d: torch.zeros(2, 16, 2, 16, device=d)[:, ::2]), "contiguous"),
         (dict(value=torch.randn(4, 2, 16, dtype=torch.bfloat16)), "share one dtype"),
         (dict(k_cache=torch.zeros(2, 8, 2, 16, dtype=torch.float16),
               v_cache=torch.zeros(2, 8, 2, 16, dtype=torch.float16)), "share one dtype"),
