@@ -85,10 +85,10 @@ def test_paged_model_fuses_qkv_and_gate_up(variant):
     assert not _copied_narrows(paged.graph_module), "an HF projection output needed a contiguous copy"
     # the RoPE pass ran before this one: its op now reads q, k and v as column slices of the fused qkv output
     assert paged.report["rope"] == layers
-    for node in paged.graph_module.graph.nodes:
-        if node.target is torch.ops.cinfer.rope_kv_cache_write.default:
-            q, k, v = (n.meta["example_value"] for n in node.args[:3])  # row stride: the qkv width, not their own
-            assert q.stride(0) == k.stride(0) == v.stride(0) == (q.shape[1] + 2 * k.shape[1]) * q.shape[2]
+    # (the first layer's: later layers reuse its layout check and keep their trace-time fake values)
+    node = next(n for n in paged.graph_module.graph.nodes if n.target is torch.ops.cinfer.rope_kv_cache_write.default)
+    q, k, v = (n.meta["example_value"] for n in node.args[:3])  # row stride: the qkv width, not their own
+    assert q.stride(0) == k.stride(0) == v.stride(0) == (q.shape[1] + 2 * k.shape[1]) * q.shape[2]
     # one weight constant per group, one bias constant per group with biases (Qwen2: q/k/v; llama_tied_bias: all)
     attn_bias = model.model.layers[0].self_attn.q_proj.bias is not None
     mlp_bias = model.model.layers[0].mlp.gate_proj.bias is not None
