@@ -556,6 +556,8 @@ _MIN_MERGE_COUNTERS = 4096
 
 def _merge_counter(size: int, device: torch.device) -> Tensor:
     """An all-zero int32 buffer of at least ``size`` elements, which the decode kernel leaves all zero."""
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" share one buffer list
+        device = torch.device("cuda", torch.cuda.current_device())
     buffers = _merge_counters.setdefault(device, [])
     if buffers and buffers[-1].numel() >= size:
         return buffers[-1]

@@ -327,7 +327,7 @@ def test_merge_counters_grow_and_keep_old_buffers(monkeypatch):
     # captured over it still use it. A larger step after a smaller one must merge correctly on the grown buffer.
     monkeypatch.setattr(paged_attention_module, "_merge_counters", {})
     monkeypatch.setattr(paged_attention_module, "_MIN_MERGE_COUNTERS", 4)
-    device = torch.device(TRITON_DEVICE)
+    device = torch.device(TRITON_DEVICE, 0) if TRITON_DEVICE == "cuda" else torch.device("cpu")
     counter = paged_attention_module._merge_counter
     first = counter(3, device)
     assert first.numel() == 4 and first.dtype == torch.int32 and counter(4, device) is first
