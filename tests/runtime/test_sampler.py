@@ -250,6 +250,9 @@ def test_triton_kernel_compiles_one_variant_for_any_batch(monkeypatch):
     # while serving. The kernel is only recorded, not run.
     recorder = Recorder("_chunk_argmax_kernel", sampler_module._chunk_argmax_kernel)
     monkeypatch.setattr(sampler_module, "_chunk_argmax_kernel", recorder)
+    # Nothing launches: the CPU tensors here could not reach a real GPU kernel.
+    monkeypatch.setattr(sampler_module, "_reduce_partials_kernel",
+                        Recorder("_reduce_partials_kernel", sampler_module._reduce_partials_kernel))
     sampler = Sampler(64, "cpu", 16)
     monkeypatch.setattr(sampler, "_use_triton", True)
     for batch in range(1, 10):
