@@ -24,7 +24,7 @@ a view of that storage and nothing is copied. Known limit, as with Inductor's fr
 ``W``, so in-place updates of the parameters (``load_state_dict``, ``copy_``) are seen, but rebinding one
 (``param.data = t``, a new ``nn.Parameter``) is not, and Dynamo does not recompile for it.
 
-``W`` enters the graph as a non-persistent buffer of the GraphModule read by a ``get_attr`` node. AOTAutograd (under
+``W`` enters the graph as a buffer of the GraphModule read by a ``get_attr`` node. AOTAutograd (under
 Inductor's ``compile_fx``) lifts buffers to inputs and requires a Dynamo source for each in
 ``gm._param_name_to_source``; the pass adds a ``ConstantSource`` there (on a copy of the dict, which Dynamo owns).
 The replaced parameters stay graph inputs, now unused. AOTAutograd checks each real input against Dynamo's record
@@ -216,7 +216,9 @@ def stacked_parameters(parts: list[Tensor]) -> tuple[Tensor, bool]:
 
 def _register_constant(gm: fx.GraphModule, tensor: Tensor) -> str:
     name = next(f"{CONSTANT_PREFIX}_{i}" for i in itertools.count() if not hasattr(gm, f"{CONSTANT_PREFIX}_{i}"))
-    gm.register_buffer(name, tensor, persistent=False)
+    # Persistent: AOTAutograd's cache key pickles the module's set of non-persistent buffer names, whose order
+    # changes with Python's per-process string hashing, so every new process would miss that cache.
+    gm.register_buffer(name, tensor, persistent=True)
     sources = getattr(gm, "_param_name_to_source", None)
     if sources is not None:
         gm._param_name_to_source = {**sources, name: ConstantSource(name)}

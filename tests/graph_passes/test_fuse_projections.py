@@ -94,6 +94,9 @@ def test_paged_model_fuses_qkv_and_gate_up(variant):
     mlp_bias = model.model.layers[0].mlp.gate_proj.bias is not None
     constants = _constants(paged.graph_module)
     assert len(constants) == layers * (2 + attn_bias + mlp_bias)
+    # Persistent buffers: a set of non-persistent names would enter AOTAutograd's cache key in a per-process order
+    # (string hashing), so no second process could hit that cache.
+    assert not paged.graph_module._non_persistent_buffers_set
 
     assert torch.equal(_eager_logits(model, probe), eager_before)
     _assert_layers_alias_constants(model, constants)
