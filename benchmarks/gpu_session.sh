@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_session.sh tests     # every test natively on the GPU (kernels, passes, runtime, CUDA graphs)
 #   bash benchmarks/gpu_session.sh bench     # bench_ops, bench_generate (8B shape, with a profile)
 #   bash benchmarks/gpu_session.sh serving   # warm-cache start-up (run after bench on the same machine), bench_serving
+#   bash benchmarks/gpu_session.sh linear    # the streaming-linear sweep against cuBLAS (tune_linear.py) and start-up
+#                                            # profiles of a cold and a warm process
 # Run from the repository root on the GPU machine (torch/triton/transformers preinstalled; nothing to install).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -32,7 +34,11 @@ case "${1:-}" in
             --peers cinfer --out "$OUT/warm"
         stage bench_serving 400 python -m benchmarks.bench_serving --model llama3-1b \
             --peers cinfer,hf_padded --out "$OUT" ;;
+    linear)
+        stage tune_linear 270 python benchmarks/tune_linear.py --out "$OUT"
+        stage startup_cold 150 python -m benchmarks.profile_startup --model llama3-8b --max-num-seqs 64 --out "$OUT/cold"
+        stage startup_warm 120 python -m benchmarks.profile_startup --model llama3-8b --max-num-seqs 64 --out "$OUT/warm" ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh tests|bench|serving" >&2
+        echo "usage: bash benchmarks/gpu_session.sh tests|bench|serving|linear" >&2
         exit 2 ;;
 esac
