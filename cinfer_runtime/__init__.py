@@ -1,8 +1,8 @@
 """cinfer's runtime: ``compile(model) -> Engine`` for batched generation over a paged KV cache.
 
-One step: ``Scheduler.schedule()`` (continuous batching, chunked prefill, preemption by recompute) ->
-``ModelRunner.execute()`` (the compiled model, a CUDA graph for decode steps, the sampler) -> ``Scheduler.update()``
-(append tokens, stop conditions, free blocks). Prefix caching is not implemented: every block has one owner.
+One step: ``Scheduler.schedule()`` (continuous batching, chunked prefill, preemption by recompute, prefix caching)
+-> ``ModelRunner.execute()`` (the compiled model, a CUDA graph for decode steps, the sampler) ->
+``Scheduler.update()`` (append tokens, key the filled blocks, stop conditions, free blocks).
 """
 from cinfer_runtime.engine import Engine, compile
 from cinfer_runtime.outputs import RequestOutput

@@ -26,6 +26,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enforce_eager: bool = False
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before (block_manager.py)
     seed: int = 0                      # draws the per-request seeds of requests whose SamplingParams have none
     inner_backend: str = "inductor"    # what compiles the rewritten graph (graph_passes.compile_model)
     async_scheduling: bool = False     # launch the next decode step before reading this one's tokens (engine.py)

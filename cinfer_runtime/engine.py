@@ -41,7 +41,8 @@ logger = logging.getLogger("cinfer")
 def compile(model: torch.nn.Module, *, tokenizer=None, block_size: int = 16, num_kv_blocks: int | None = None,
             gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
             max_model_len: int | None = None, enforce_eager: bool = False, enable_chunked_prefill: bool = True,
-            seed: int = 0, inner_backend: str = "inductor", async_scheduling: bool | None = None) -> "Engine":
+            seed: int = 0, inner_backend: str = "inductor", async_scheduling: bool | None = None,
+            enable_prefix_caching: bool = True) -> "Engine":
     """Compile an unmodified HF causal LM (e.g. ``LlamaForCausalLM``) into a batched-generation engine.
 
     Allocates the paged KV cache (``num_kv_blocks`` blocks of ``block_size`` tokens; sized from free device memory
@@ -53,7 +54,9 @@ def compile(model: torch.nn.Module, *, tokenizer=None, block_size: int = 16, num
     ``async_scheduling`` overlaps consecutive decode steps (see the module docstring); outputs are unchanged. None
     (the default) turns it on for a model on a GPU, where it removes the device's idle time between decode steps
     (1.15x output tokens/s at batch 16 and 64 on an H100, benchmarks/RESULTS.md), and off on CPU, where nothing
-    runs asynchronously.
+    runs asynchronously. ``enable_prefix_caching`` lets a request reuse the KV blocks of a prompt prefix computed
+    before (by another request, or by itself before a preemption) instead of recomputing them; outputs are unchanged
+    up to floating-point summation order.
     """
     if async_scheduling is None:
         async_scheduling = next(model.parameters()).device.type == "cuda"
@@ -61,7 +64,8 @@ def compile(model: torch.nn.Module, *, tokenizer=None, block_size: int = 16, num
                           gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                           enforce_eager=enforce_eager, enable_chunked_prefill=enable_chunked_prefill, seed=seed,
-                          inner_backend=inner_backend, async_scheduling=async_scheduling)
+                          inner_backend=inner_backend, async_scheduling=async_scheduling,
+                          enable_prefix_caching=enable_prefix_caching)
     return Engine(model, config, tokenizer=tokenizer)
 
 
@@ -104,7 +108,8 @@ class Engine:
             self.runner.capture_decode_graphs()
             self.startup_times["cuda_graphs_s"] = time.perf_counter() - start
         logger.info("start-up: %s", ", ".join(f"{k} {v:.1f}" for k, v in self.startup_times.items()))
-        self.scheduler = Scheduler(config, BlockManager(config.num_kv_blocks, config.block_size))
+        self.scheduler = Scheduler(config, BlockManager(config.num_kv_blocks, config.block_size,
+                                                        enable_prefix_caching=config.enable_prefix_caching))
 
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0

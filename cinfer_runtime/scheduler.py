@@ -8,7 +8,9 @@ Each step, ``schedule()`` picks how many tokens every request processes under th
    the *newest* running request is preempted by recompute (blocks freed, put back at the head of the queue) until
    they do -- possibly the asking request itself, if it is the newest.
 2. Then waiting requests in arrival order, while budget, sequence slots and blocks allow. The first one that does
-   not fit stops admission (no overtaking), and nothing is admitted in a step that had to preempt.
+   not fit stops admission (no overtaking), and nothing is admitted in a step that had to preempt. With prefix
+   caching, a request starts on the cached blocks of its longest cached prefix and computes only the rest
+   (``BlockManager.match_prefix``); ``update`` keys the blocks each step fills.
 
 Invariant: every running request arrived before every waiting one. So the oldest unfinished request is always
 scheduled first, is never preempted for another, and (the engine admits only requests whose full length fits the
@@ -97,15 +99,17 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
-            n = seq.num_uncomputed_tokens
+            cached = bm.match_prefix(seq.token_ids)  # leading blocks already in the cache (prefix caching)
+            n = seq.num_tokens - len(cached) * bm.block_size
             if n > budget:
                 if not self.config.enable_chunked_prefill:
                     break
                 n = budget
-            if not bm.can_grow(seq.seq_id, n):
+            if not bm.can_take_prefix(seq.seq_id, cached, len(cached) * bm.block_size + n):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            seq.num_computed_tokens = bm.take_prefix(seq.seq_id, cached)
             self.running.append(seq)
             take(seq, n)
         return out
@@ -167,6 +171,7 @@ class Scheduler:
             if seq.is_finished:
                 continue
             seq.num_computed_tokens += n
+            self.block_manager.cache_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if not samples:
                 continue
             seq.token_ids.append(token)

@@ -421,7 +421,7 @@ class EngineMachine(RuleBasedStateMachine):
 
         def rows(seqs):
             return [(q.request_id, q.status, q.num_computed_tokens, tuple(q.token_ids)) for q in seqs]
-        return (rows(s.waiting), rows(s.running), list(bm._free),
+        return (rows(s.waiting), rows(s.running), bm.free_block_ids(),
                 {k: list(v) for k, v in bm.block_tables.items()}, s.num_preemptions)
 
     def deliver(self, outputs, channel: str) -> None:
@@ -454,8 +454,10 @@ class EngineMachine(RuleBasedStateMachine):
             how()
             assert self.snapshot() == before
             return
-        free_before = self.engine.scheduler.block_manager.num_free_blocks
-        held = len(self.engine.scheduler.block_manager.block_tables.get(t.seq.seq_id, ()))
+        bm = self.engine.scheduler.block_manager
+        free_before = bm.num_free_blocks
+        # Blocks only this request holds come free; prefix-cached blocks it shares stay with the other holders.
+        held = sum(1 for b in bm.block_tables.get(t.seq.seq_id, ()) if bm.refcount(b) == 1)
         self.stats[f"aborted while {t.seq.status.value}"] += 1
         how()
         t.aborted_at = t.seq.num_output_tokens
@@ -487,16 +489,23 @@ class EngineMachine(RuleBasedStateMachine):
                     break
             bm = self.engine.scheduler.block_manager
             return (not self.engine.has_unfinished_requests() and not bm.block_tables
-                    and sorted(bm._free) == list(range(bm.num_blocks)))
+                    and sorted(bm.free_block_ids()) == list(range(bm.num_blocks)))
         except Exception:
             return False
 
     def check_block_accounting(self) -> None:
+        """Every block is held (by as many tables as its reference count says; prefix caching shares full
+        blocks) or free, never both, none lost."""
         bm = self.engine.scheduler.block_manager
         owned = [b for table in bm.block_tables.values() for b in table]
-        free = bm._free
-        assert len(owned) + len(free) == bm.num_blocks, "a block is lost or double-counted"
-        assert sorted(owned + free) == list(range(bm.num_blocks)), "a block is owned twice, or owned and free"
+        free = bm.free_block_ids()
+        assert len(free) == len(set(free)), "a block is free twice"
+        assert not set(owned) & set(free), "a block is owned and free"
+        assert set(owned) | set(free) == set(range(bm.num_blocks)), "a block is lost"
+        for block in set(owned):
+            assert bm.refcount(block) == owned.count(block), f"block {block}: wrong reference count"
+        for table in bm.block_tables.values():
+            assert len(table) == len(set(table)), "a table holds one block twice"
 
     @invariant()
     @_tracks_failure
