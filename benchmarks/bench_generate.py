@@ -77,7 +77,9 @@ def bench_cinfer(model, prompts: torch.Tensor, new_tokens: int, max_num_seqs: in
         num_kv_blocks = 2 * max_num_seqs * -(-max_tokens_per_seq // BLOCK_SIZE)
         startup_s, engine = _timed(lambda: cinfer_runtime.compile(
             model, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs, num_kv_blocks=num_kv_blocks,
-            async_scheduling=async_scheduling))
+            async_scheduling=async_scheduling,
+            # The warm-up, TTFT and timed runs repeat one prompt set: no cached prefixes between them (HF has none)
+            enable_prefix_caching=False))
     token_lists = prompts.tolist()
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     engine.generate(token_lists, params, use_tqdm=False)  # warm-up at this batch size

@@ -51,7 +51,9 @@ def run_cinfer(model, prompts, olens, max_num_seqs, peer="cinfer"):
     t0 = time.perf_counter()
     engine = cinfer_runtime.compile(model, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
                                     num_kv_blocks=max_num_seqs * -(-longest // BLOCK_SIZE),
-                                    async_scheduling=CINFER_PEERS[peer])
+                                    async_scheduling=CINFER_PEERS[peer],
+                                    # the warm-up below reuses 8 of the workload's prompts: no cached prefixes
+                                    enable_prefix_caching=False)
     startup = time.perf_counter() - t0
     engine.generate(prompts[:8], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 8, use_tqdm=False)
     _sync()
