@@ -30,7 +30,8 @@ def kv_cache_write_launch_params(row: int, num_tokens: int) -> tuple[int, int, i
     return block, tokens_per_program, num_warps
 
 
-def _check(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+def check_cache_write_args(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Shapes, layout, index dtype and device of a cache write (shared with ``rope_kv_cache_write``)."""
     if key.dim() != 3 or key.shape != value.shape:
         raise ValueError(f"key/value must both be [tokens, kv_heads, head_dim], got {tuple(key.shape)}, {tuple(value.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -86,7 +87,7 @@ def kv_cache_write_triton(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: 
     """Triton launcher of ``kv_cache_write`` (same arguments). key/value may be strided along tokens and heads (e.g.
     views of a fused QKV projection); only head_dim needs unit stride, else they are copied. block /
     tokens_per_program (powers of two) / num_warps override ``kv_cache_write_launch_params``."""
-    _check(key, value, k_cache, v_cache, slot_mapping)
+    check_cache_write_args(key, value, k_cache, v_cache, slot_mapping)
     num_tokens, kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
@@ -113,7 +114,7 @@ def kv_cache_write_triton(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: 
 def kv_cache_write(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """key/value: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
     (contiguous); slot_mapping: int64 [num_tokens], -1 = skip. Writes the caches in place, nothing else."""
-    _check(key, value, k_cache, v_cache, slot_mapping)
+    check_cache_write_args(key, value, k_cache, v_cache, slot_mapping)
     kv_cache_write_reference(key, value, k_cache, v_cache, slot_mapping)
 
 

@@ -27,8 +27,8 @@ MAX_STREAM_ROWS = 16
 
 @dataclass(frozen=True)
 class LinearConfig:
-    block_n: int = 32       # weight rows per program
-    block_k: int = 512      # K elements per pipeline stage
+    block_n: int = 64       # weight rows per program
+    block_k: int = 256      # K elements per pipeline stage
     num_warps: int = 4
     num_stages: int = 4
 
@@ -37,7 +37,7 @@ class LinearConfig:
 # (N, K) in LINEAR_CONFIGS, or DEFAULT_LINEAR_CONFIG for other shapes; a shape mapped to None stays on cuBLAS.
 # Chosen by benchmarks/tune_linear.py on an H100 (see benchmarks/RESULTS.md).
 STREAM_ROWS = MAX_STREAM_ROWS
-DEFAULT_LINEAR_CONFIG = LinearConfig(64, 256, 4, 4)
+DEFAULT_LINEAR_CONFIG = LinearConfig()  # the best single config over the 8B shapes (run J)
 LINEAR_CONFIGS: dict[tuple[int, int], LinearConfig | None] = {
     # Llama-3-8B: fused q/k/v, o_proj, fused gate/up, down_proj, lm_head
     (6144, 4096): LinearConfig(64, 128, 4, 5), (4096, 4096): LinearConfig(64, 256, 4, 4),

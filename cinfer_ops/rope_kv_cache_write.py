@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cinfer_ops.kv_cache_write import kv_cache_write_reference
+from cinfer_ops.kv_cache_write import check_cache_write_args, kv_cache_write_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -55,20 +55,11 @@ def _check(query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor, 
                              f"head_dim]), got {tuple(t.shape)}")
         if t.dtype not in DTYPES:
             raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"caches must both be [blocks, block_size, kv_heads, head_dim], got {tuple(k_cache.shape)}, "
-                         f"{tuple(v_cache.shape)}")
-    if k_cache.shape[2:] != key.shape[1:]:
-        raise ValueError(f"cache [kv_heads, head_dim] {tuple(k_cache.shape[2:])} != key's {tuple(key.shape[1:])}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("caches must be contiguous")
+    check_cache_write_args(key, value, k_cache, v_cache, slot_mapping)
     dtypes = {t.dtype for t in (query, key, value, k_cache, v_cache)}
     if len(dtypes) != 1 or query.dtype not in DTYPES:
         raise ValueError(f"query, key, value and the caches must share one dtype (float32, float16 or bfloat16), got "
                          f"{query.dtype}, {key.dtype}, {value.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype != torch.int64:
-        raise ValueError(f"slot_mapping must be int64 [{num_tokens}], got {slot_mapping.dtype} "
-                         f"{tuple(slot_mapping.shape)}")
     devices = {t.device for t in (query, key, value, cos, sin, k_cache, v_cache, slot_mapping)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
