@@ -1,7 +1,7 @@
 """cinfer's runtime: ``compile(model) -> Engine`` for batched generation over a paged KV cache.
 
 One step: ``Scheduler.schedule()`` (continuous batching, chunked prefill, preemption by recompute, prefix caching)
--> ``ModelRunner.execute()`` (the compiled model, a CUDA graph for decode steps, the sampler) ->
+-> ``ModelRunner.execute()`` (the compiled model, or a CUDA graph for decode and small prefill steps; the sampler) ->
 ``Scheduler.update()`` (append tokens, key the filled blocks, stop conditions, free blocks).
 """
 from cinfer_runtime.engine import Engine, compile

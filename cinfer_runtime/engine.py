@@ -48,8 +48,8 @@ def compile(model: torch.nn.Module, *, tokenizer=None, block_size: int = 16, num
     Allocates the paged KV cache (``num_kv_blocks`` blocks of ``block_size`` tokens; sized from free device memory
     when None), rewrites and compiles the model over it, runs warm-up steps (a model the graph passes cannot
     rewrite raises ``graph_passes.GraphRewriteError`` here; on a GPU they also compile every variant of the Triton
-    kernels, so that none compiles while serving) and, on a GPU unless ``enforce_eager``, captures the decode CUDA
-    graphs. ``inner_backend`` is what compiles the rewritten graph (``"inductor"``, or ``"eager"`` for
+    kernels, so that none compiles while serving) and, on a GPU unless ``enforce_eager``, captures CUDA graphs for
+    decode steps and for prefill steps of up to ``cuda_graphs.PREFILL_GRAPH_MAX_TOKENS`` tokens. ``inner_backend`` is what compiles the rewritten graph (``"inductor"``, or ``"eager"`` for
     a fast compile). ``seed`` draws the seeds of requests whose ``SamplingParams.seed`` is None.
     ``async_scheduling`` overlaps consecutive decode steps (see the module docstring); outputs are unchanged. None
     (the default) turns it on for a model on a GPU, where it removes the device's idle time between decode steps
@@ -105,7 +105,7 @@ class Engine:
         self.startup_times.update(self.paged_model.compile_times)  # parts of compile_s
         if self.runner.graphs is not None:
             start = time.perf_counter()
-            self.runner.capture_decode_graphs()
+            self.runner.capture_graphs()
             self.startup_times["cuda_graphs_s"] = time.perf_counter() - start
         logger.info("start-up: %s", ", ".join(f"{k} {v:.1f}" for k, v in self.startup_times.items()))
         self.scheduler = Scheduler(config, BlockManager(config.num_kv_blocks, config.block_size,

@@ -21,7 +21,7 @@ from torch import Tensor
 
 import cinfer_ops
 from cinfer_runtime.config import EngineConfig, cdiv
-from cinfer_runtime.cuda_graphs import DecodeGraphs, decode_buckets
+from cinfer_runtime.cuda_graphs import StepGraphs, decode_buckets, prefill_buckets
 from cinfer_runtime.sampler import Sampler, SamplingRow
 from cinfer_runtime.sampling_params import SamplingParams
 from cinfer_runtime.scheduler import SchedulerOutput
@@ -103,6 +103,11 @@ def _numpy_views(buffers: StepBuffers) -> dict[str, np.ndarray]:
     return {name: getattr(buffers, name).numpy() for name in StepBuffers.__dataclass_fields__}
 
 
+def _spread(num_tokens: int, batch: int) -> list[int]:
+    """New-token counts of ``batch`` made-up sequences sharing ``num_tokens`` tokens as evenly as possible."""
+    return [num_tokens // batch + (i < num_tokens % batch) for i in range(batch)]
+
+
 def warm_up_steps(max_batch: int, max_num_tokens: int, max_model_len: int, all_variants: bool) -> list[list[int]]:
     """The new-token counts (one per made-up sequence) of the warm-up's dummy steps.
 
@@ -117,7 +122,7 @@ def warm_up_steps(max_batch: int, max_num_tokens: int, max_model_len: int, all_v
         for threshold in sorted(set(cinfer_ops.VARIANT_TOKEN_THRESHOLDS)):
             tokens = min(threshold, max_num_tokens, max_batch * max_model_len)
             num_seqs = cdiv(tokens, max_model_len)
-            q_lens = [tokens // num_seqs + (i < tokens % num_seqs) for i in range(num_seqs)]
+            q_lens = _spread(tokens, num_seqs)
             if q_lens not in steps:
                 steps.append(q_lens)
     return steps
@@ -131,7 +136,7 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.sampler = sampler
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
         on_gpu = device.type == "cuda"
         use_graphs = on_gpu and not config.enforce_eager
         buckets = decode_buckets(config.max_num_seqs)
@@ -150,7 +155,7 @@ class ModelRunner:
                           for _ in range(2)] if config.async_scheduling else [])
         self._num_launched = 0
         if use_graphs:
-            self.graphs = DecodeGraphs(buckets)
+            self.graphs = StepGraphs(buckets, prefill_buckets(max_num_tokens), max_batch)
 
     @torch.no_grad()
     def warm_up(self) -> None:
@@ -167,10 +172,10 @@ class ModelRunner:
             self.sampler(logits[:1], [greedy]).tolist()  # the all-greedy path (argmax of the raw logits)
 
     @torch.no_grad()
-    def capture_decode_graphs(self) -> None:
+    def capture_graphs(self) -> None:
         assert self.graphs is not None
-        self.graphs.capture(prepare=lambda bucket: self._fill_dummy([1] * bucket),
-                            run=lambda bucket: self.model(*self.dev.model_inputs(bucket, bucket)))
+        self.graphs.capture(prepare=lambda tokens, batch: self._fill_dummy(_spread(tokens, batch)),
+                            run=lambda tokens, batch: self.model(*self.dev.model_inputs(tokens, batch)))
 
     def _fill_dummy(self, q_lens: list[int]) -> None:
         """Fill the buffers with a step of made-up sequences (context = their new tokens, all in block 0) that
@@ -193,8 +198,8 @@ class ModelRunner:
         """Run one step; returns the sampled token of each request with ``out.samples[i]``, in order."""
         assert not out.input_tokens_in_flight, "a step continuing an in-flight one must be launched"
         num_tokens, batch = self._prepare(out)
-        bucket = self._copy_inputs(out, num_tokens, batch, self.host, self._np)
-        logits = self._run_model(num_tokens, batch, bucket)
+        shape = self._copy_inputs(out, num_tokens, batch, self.host, self._np)
+        logits = self._run_model(out, num_tokens, batch, shape)
         return self._sample(out, logits, batch).tolist()
 
     @torch.no_grad()
@@ -213,10 +218,10 @@ class ModelRunner:
             staging.done.synchronize()
         self._num_launched += 1
         num_tokens, batch = self._prepare(out, staging.arrays)
-        bucket = self._copy_inputs(out, num_tokens, batch, staging.buffers, staging.arrays)
+        shape = self._copy_inputs(out, num_tokens, batch, staging.buffers, staging.arrays)
         if prev is not None:
             self._copy_in_flight_tokens(out, prev)
-        logits = self._run_model(num_tokens, batch, bucket)
+        logits = self._run_model(out, num_tokens, batch, shape)
         sampled = self._sample(out, logits, batch)
         staging.sampled_token_ids[:sampled.shape[0]].copy_(sampled, non_blocking=True)
         if staging.done is not None:
@@ -241,23 +246,24 @@ class ModelRunner:
         self.dev.input_ids[:batch].copy_(prev.sampled_token_ids[index])
 
     def _copy_inputs(self, out: SchedulerOutput, num_tokens: int, batch: int, host: StepBuffers,
-                     arrays: dict[str, np.ndarray]) -> int | None:
+                     arrays: dict[str, np.ndarray]) -> tuple[int, int] | None:
         """Copy the step's inputs from ``host`` (whose numpy views are ``arrays``) to the device buffers, padded to
-        the decode graph's bucket when one will replay; returns that bucket, or None for an eager step."""
-        if self.graphs is not None and out.is_decode:
-            bucket = self.graphs.bucket_for(batch)
-            self._pad(num_tokens, batch, bucket, bucket, arrays)
-            self.dev.copy_(host, bucket, bucket)
-            return bucket
+        the shape of the CUDA graph that will replay; returns that (tokens, batch) shape, or None for a step that
+        runs the compiled model directly."""
+        shape = None if self.graphs is None else self.graphs.shape_for(num_tokens, batch, out.is_decode)
+        if shape is not None:
+            self._pad(num_tokens, batch, *shape, arrays)
+            self.dev.copy_(host, *shape)
+            return shape
         # PagedModel itself pads dims of size 1 (Dynamo's 0/1 specialisation): no padding needed here
         if self.dev is not host:
             self.dev.copy_(host, num_tokens, batch)
         return None
 
-    def _run_model(self, num_tokens: int, batch: int, bucket: int | None) -> Tensor:
-        """Logits ``[>= batch, vocab]`` of the step in the device buffers: the bucket's graph, or the model."""
-        if bucket is not None:
-            return self.graphs.replay(bucket)
+    def _run_model(self, out: SchedulerOutput, num_tokens: int, batch: int, shape: tuple[int, int] | None) -> Tensor:
+        """Logits ``[>= batch, vocab]`` of the step in the device buffers: the shape's graph, or the model."""
+        if shape is not None:
+            return self.graphs.replay(shape, out.is_decode)
         return self.model(*self.dev.model_inputs(num_tokens, batch))
 
     def _sample(self, out: SchedulerOutput, logits: Tensor, batch: int) -> Tensor:

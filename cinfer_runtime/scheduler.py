@@ -52,7 +52,7 @@ class SchedulerOutput:
 
     @property
     def is_decode(self) -> bool:
-        """Every request processes one token and samples: the shape a captured CUDA graph serves."""
+        """Every request processes one token and samples: the shape the decode CUDA graphs serve."""
         return all(n == 1 for n in self.num_new_tokens) and all(self.samples)
 
 

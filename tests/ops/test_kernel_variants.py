@@ -16,7 +16,7 @@ import cinfer_ops
 from cinfer_ops.kv_cache_write import kv_cache_write_triton
 from cinfer_ops.paged_attention import paged_attention_triton
 from cinfer_ops.rms_norm import fused_add_rms_norm_triton, rms_norm_triton
-from cinfer_runtime.cuda_graphs import decode_buckets
+from cinfer_runtime.cuda_graphs import decode_buckets, prefill_buckets
 from cinfer_runtime.model_runner import warm_up_steps
 from tests.kernel_keys import Recorder
 
@@ -141,6 +141,10 @@ def test_warm_up_steps_reach_every_serving_variant(recorders, max_num_seqs, max_
                   for q_lens in warm_up_steps(max_batch, max_num_tokens, max_model_len, all_variants=True)])
     batches = decode_buckets(max_num_seqs) if graphs else range(1, max_num_seqs + 1)
     serving = [[1] * b for b in batches]
+    if graphs:  # prefill steps padded to a graph's shape (cinfer_runtime.cuda_graphs)
+        for t in prefill_buckets(max_num_tokens):
+            b = min(t, max_batch)
+            serving.append([t // b + (i < t % b) for i in range(b)])
     for num_tokens in [n for n in TOKEN_COUNTS if n <= max_num_batched_tokens] + [max_num_batched_tokens]:
         for batch in {1, 2, 3, 5, 8, 17, 64, max_num_seqs}:
             if batch <= min(num_tokens, max_num_seqs) and batch * max_model_len >= num_tokens:

@@ -379,7 +379,8 @@ def test_gpu_greedy_matches_hf_with_cuda_graphs(gpu_model, gpu_prompts, gpu_refe
     outs = engine.generate(gpu_prompts, params, use_tqdm=False)
     for p, (ref, _), out in zip(gpu_prompts, expected, outs):
         assert_same_or_tie(gpu_model, p, ref, out.token_ids, gpu_margin)
-    assert engine.runner.graphs.num_replays > 0 and engine.num_overlapped_steps > 0
+    replays = engine.runner.graphs.num_replays
+    assert replays["decode"] > 0 and replays["prefill"] > 0 and engine.num_overlapped_steps > 0
     if num_kv_blocks == 6:
         assert engine.scheduler.num_preemptions > 0
     assert all(out.finish_reason == "stop" for out in outs if out.request_id in dropped)

@@ -1,6 +1,6 @@
 """The engine on a GPU in bf16, CUDA graphs on and off: greedy outputs equal HF ``generate`` up to near-ties (where
 the two first differ, HF's logits for the two tokens must be within the bf16 logits tolerance), under chunked
-prefill and under heavy preemption; decode steps really replay graphs; the cache is sized from device memory."""
+prefill and under heavy preemption; decode and prefill steps really replay graphs; the cache is sized from device memory."""
 import importlib
 from collections import defaultdict
 
@@ -36,7 +36,8 @@ def test_greedy_matches_hf_bf16(gpu_model, gpu_prompts, reference, enforce_eager
                            use_tqdm=False)
     check_against_hf(gpu_model, gpu_prompts, reference, outs)
     if not enforce_eager:
-        assert engine.runner.graphs.num_replays > 0, "decode steps should replay CUDA graphs"
+        replays = engine.runner.graphs.num_replays
+        assert replays["decode"] > 0 and replays["prefill"] > 0, f"steps should replay CUDA graphs: {replays}"
     if num_kv_blocks == 6:
         assert engine.scheduler.num_preemptions > 0
 

@@ -1,12 +1,13 @@
 """ModelRunner's step assembly: the flattened tokens, positions and attention metadata it hands the compiled model,
 checked against a per-request Python computation, and the padding rules (slot -1, empty padding sequences)."""
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cinfer_runtime.block_manager import BlockManager
 from cinfer_runtime.config import EngineConfig
-from cinfer_runtime.cuda_graphs import decode_buckets
+from cinfer_runtime.cuda_graphs import StepGraphs, decode_buckets, prefill_buckets
 from cinfer_runtime.model_runner import ModelRunner, warm_up_steps
 from cinfer_runtime.sampler import Sampler
 from cinfer_runtime.sampling_params import SamplingParams
@@ -77,6 +78,64 @@ def test_decode_buckets():
     assert decode_buckets(8) == [1, 2, 4, 8]
     assert decode_buckets(20) == [1, 2, 4, 8, 16, 24]
     assert decode_buckets(256) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64] + list(range(80, 257, 16))
+
+
+def test_prefill_buckets():
+    assert prefill_buckets(8192) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+    assert prefill_buckets(100) == [16, 24, 32, 48, 64, 96, 100]  # the step budget is always the last bucket
+    assert prefill_buckets(32) == [16, 24, 32]
+    assert prefill_buckets(16) == [16]
+    assert prefill_buckets(15) == []
+
+
+def test_step_graph_shapes():
+    graphs = StepGraphs(decode_buckets(20), prefill_buckets(100), max_batch=24)
+    assert graphs.shape_for(3, 3, is_decode=True) == (4, 4)
+    assert graphs.shape_for(24, 24, is_decode=True) == (24, 24)
+    # A prefill step pads its tokens to a bucket and its sequences to one per token, at most max_batch.
+    assert graphs.shape_for(3, 1, is_decode=False) == (16, 16)
+    assert graphs.shape_for(17, 2, is_decode=False) == (24, 24)
+    assert graphs.shape_for(40, 20, is_decode=False) == (48, 24)
+    assert graphs.shape_for(100, 1, is_decode=False) == (100, 24)
+    assert graphs.shape_for(101, 1, is_decode=False) is None  # past the largest bucket: no graph
+    with pytest.raises(ValueError, match="largest decode bucket"):
+        graphs.shape_for(25, 25, is_decode=True)
+    shapes = graphs.shapes
+    assert shapes == sorted(set(shapes), reverse=True) and shapes[0] == (100, 24)
+    assert {(b, b) for b in decode_buckets(20)} <= set(shapes)
+
+
+@torch.no_grad()
+def test_padding_to_a_graph_shape_leaves_logits_unchanged(model):
+    # A CUDA graph replays a step padded to its shape. Run real steps (a prefill, then prefill chunks mixed with
+    # decodes) through the compiled model twice, as they are and padded the way a graph pads them: the real
+    # sequences' logits must not change, and the padding must write nothing to the caches.
+    import cinfer_runtime
+
+    engine = cinfer_runtime.compile(model, block_size=BLOCK_SIZE, num_kv_blocks=64, max_num_seqs=4,
+                                    max_num_batched_tokens=40)
+    runner = engine.runner
+    assert runner.dev is runner.host  # CPU, synchronous: the model reads the host buffers
+    for i, n in enumerate([30, 5, 17]):  # steps of 40 tokens, then 14 (padded to 16), then decodes
+        engine.add_request([(11 * i + j) % 200 + 3 for j in range(n)], SamplingParams(max_tokens=4, temperature=0.0))
+    graphs = StepGraphs(decode_buckets(4), prefill_buckets(40), max_batch=4)
+    for _ in range(4):
+        out = engine.scheduler.schedule()
+        num_tokens, batch = runner._prepare(out)
+        caches = [c.clone() for c in engine.k_caches + engine.v_caches]
+        expected = runner.model(*runner.host.model_inputs(num_tokens, batch))[:batch].clone()
+        written = [c.clone() for c in engine.k_caches + engine.v_caches]
+        tokens, padded_batch = graphs.shape_for(num_tokens, batch, out.is_decode)
+        for c, before in zip(engine.k_caches + engine.v_caches, caches):
+            c.copy_(before)
+        runner._pad(num_tokens, batch, tokens, padded_batch)
+        logits = runner.model(*runner.host.model_inputs(tokens, padded_batch))
+        assert logits.shape[0] == padded_batch
+        torch.testing.assert_close(logits[:batch], expected)
+        for c, after in zip(engine.k_caches + engine.v_caches, written):
+            torch.testing.assert_close(c, after, equal_nan=True)
+        sampled = logits[:batch].argmax(-1)
+        engine.scheduler.update(out, [t for t, samples in zip(sampled.tolist(), out.samples) if samples])
 
 
 def test_warm_up_steps_fit_the_static_buffers():
