@@ -73,7 +73,10 @@ class DecodeConfig:
     Split sizing, from shapes only (CUDA-graph safe): ``partition_size`` keys per split, or None to size it from the
     grid: aim for ``programs_per_sm`` (token, kv_head, split) programs per SM, but no partition shorter than
     ``min_partition`` keys and no more than ``max_splits`` splits (each split adds a partial-result write and a
-    share of the merge).
+    share of the merge). The grid is sized for the block table's width (the longest context a sequence may
+    have); ``adaptive_split`` sizes each token's partitions on the device from its own context instead, spread
+    over the same splits (multiples of ``block_n``, or of ``min_split_keys`` keys below ``block_n``), so a short
+    context in a wide table still reads through many programs instead of a few long ones.
 
     Variants (the defaults are the original kernel):
     - ``kv_gather``: how a tile's K/V rows are found. "key": one block-table load per key. "page": one per page,
@@ -100,12 +103,16 @@ class DecodeConfig:
     grid_order: str = "token"
     merge: str = "head"
     direct_single_split: bool = False
+    adaptive_split: bool = False
+    min_split_keys: int = 32
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
         if self.partition_size is not None and self.partition_size < 1:
             raise ValueError(f"partition_size must be positive or None, got {self.partition_size}")
+        if self.min_split_keys < 16 or self.min_split_keys & (self.min_split_keys - 1):
+            raise ValueError(f"min_split_keys must be a power of two >= 16, got {self.min_split_keys}")
         for name in ("programs_per_sm", "min_partition", "max_splits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -130,8 +137,10 @@ class PrefillConfig:
 # merge also saves small decode batches the merge kernel's launch); prefill picked on an H200 (triton 3.6), 8x2048
 # causal at 316 TFLOP/s. The 64 and 256 rows are scaled from it, untuned.
 DECODE_CONFIGS = {
-    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, grid_order="head", merge="fused"),
-    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, grid_order="head", merge="fused"),
+    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, grid_order="head", merge="fused",
+                     adaptive_split=True),
+    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, grid_order="head", merge="fused",
+                      adaptive_split=True),
     256: DecodeConfig(block_n=32, num_warps=4, num_stages=3),
 }
 PREFILL_CONFIGS = {
@@ -291,12 +300,12 @@ def _decode_kernel(
     GROUP: tl.constexpr, G_PAD: tl.constexpr, GM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_CHUNK: tl.constexpr, SPLIT: tl.constexpr,
     GRID_ORDER: tl.constexpr, KV_GATHER: tl.constexpr, MERGE: tl.constexpr, DIRECT: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr, ADAPTIVE: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INT64_OFFSETS: tl.constexpr,
 ):
     # Program (token, kv_head, split): the GROUP query heads of kv_head for one query token are the rows of the
-    # dots, so each K/V tile is read once per kv head. The split covers keys [split * partition_size, + partition_size)
-    # of the token's visible context. Any token works (it need not be its sequence's only one), so this kernel is
+    # dots, so each K/V tile is read once per kv head. The split covers keys [split * part, + part) of the token's
+    # visible context (part: partition_size, or with ADAPTIVE sized from that context). Any token works (it need not be its sequence's only one), so this kernel is
     # correct for every query_start_loc; the launcher uses it when num_tokens == batch.
     # SPLIT: there are several splits; each writes a normalised partial output and its log2-sum-exp, merged by a
     # second kernel or (MERGE == 2) by the last split to finish. DIRECT: a token whose context fits one split
@@ -329,9 +338,18 @@ def _decode_kernel(
         ctx = tl.load(seq_lens_ptr + seq, mask=seq < batch, other=0)
     real = seq < batch  # tokens past query_start_loc[-1] are CUDA-graph padding
     kv_len = tl.where(real, ctx - (q_end - q_start) + (token - q_start) + 1, 0)
-    kv_start = split * partition_size
-    kv_stop = tl.minimum(kv_start + partition_size, kv_len)
-    n_active = tl.minimum((kv_len + partition_size - 1) // partition_size, num_splits)  # splits that see a key
+    if ADAPTIVE:
+        # This token's context over the num_splits splits: whole tiles, or (a short context) MIN_SPLIT_KEYS
+        # multiples below one tile. Never above partition_size (sized for the longest context), never 0.
+        even = (kv_len + num_splits - 1) // num_splits
+        part = tl.where(even >= BLOCK_N, (even + BLOCK_N - 1) // BLOCK_N * BLOCK_N,
+                        tl.minimum((even + MIN_SPLIT_KEYS - 1) // MIN_SPLIT_KEYS * MIN_SPLIT_KEYS, BLOCK_N))
+        part = tl.minimum(tl.maximum(part, MIN_SPLIT_KEYS), partition_size)
+    else:
+        part = partition_size
+    kv_start = split * part
+    kv_stop = tl.minimum(kv_start + part, kv_len)
+    n_active = tl.minimum((kv_len + part - 1) // part, num_splits)  # splits that see a key
 
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_PAD)
@@ -610,7 +628,8 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
         BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, SPLIT=split,
         GRID_ORDER=GRID_ORDERS.index(cfg.grid_order), KV_GATHER=KV_GATHERS.index(cfg.kv_gather),
         MERGE=MERGES.index(cfg.merge), DIRECT=cfg.direct_single_split or fused,
-        MERGE_CHUNK=_merge_chunk(gm_pad, d_pad),
+        MERGE_CHUNK=_merge_chunk(gm_pad, d_pad), ADAPTIVE=cfg.adaptive_split and split,
+        MIN_SPLIT_KEYS=cfg.min_split_keys,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kernel_flags,
     )
     if split and cfg.merge == "head":

@@ -37,6 +37,7 @@ DECODE_VARIANTS = [
     dict(merge="fused", grid_order="split", kv_gather="page"),
     dict(direct_single_split=True),
     dict(merge="group", direct_single_split=True, grid_order="head"),
+    dict(merge="fused", grid_order="head", adaptive_split=True),
 ]
 VARIANT_IDS = ["-".join(f"{k}={v}" for k, v in d.items()) or "original" for d in DECODE_VARIANTS]
 
@@ -74,6 +75,7 @@ class Case:
     block_size: int
     dtype: torch.dtype
     padding_rows: int = 0  # query rows past query_start_loc[-1] (CUDA-graph padding)
+    table_slack: int = 2  # block-table columns past the longest sequence's last block (garbage entries)
     scale_factor: float = 1.0
     seed: int = 0
 
@@ -84,7 +86,7 @@ def build(case: Case, device: str):
     bs, kv_heads, head_dim = case.block_size, case.num_kv_heads, case.head_dim
     batch = len(case.q_lens)
     blocks_needed = [math.ceil(n / bs) for n in case.seq_lens]
-    max_blocks = max(blocks_needed, default=0) + 2  # room for garbage past every sequence's last block
+    max_blocks = max(blocks_needed, default=0) + case.table_slack  # garbage past every sequence's last block
     num_blocks = sum(blocks_needed) + 3  # spare blocks stay fully poisoned
     physical = torch.randperm(num_blocks, generator=gen)
     k_cache = torch.full((num_blocks, bs, kv_heads, head_dim), float("nan"), dtype=case.dtype)
@@ -180,6 +182,7 @@ def decode_config(draw):
         grid_order=draw(st.sampled_from(paged_attention_module.GRID_ORDERS)),
         merge=draw(st.sampled_from(paged_attention_module.MERGES)),
         direct_single_split=draw(st.booleans()),
+        adaptive_split=draw(st.booleans()), min_split_keys=draw(st.sampled_from([16, 32])),
     )
 
 
@@ -219,6 +222,23 @@ def test_split_kv_kernel_many_splits(dtype, int64_offsets, variant, monkeypatch)
     args = build(case, TRITON_DEVICE)
     cfg = DecodeConfig(16, 4, 1, partition_size=16, **variant)
     check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
+
+
+@pytest.mark.parametrize("merge", paged_attention_module.MERGES)
+@pytest.mark.parametrize("block_n,min_split_keys", [(16, 16), (16, 32), (32, 16)])
+def test_adaptive_split_of_short_contexts_in_a_wide_table(merge, block_n, min_split_keys):
+    # A block table much wider than the contexts (the runtime's tables are max_model_len wide): the grid has 8
+    # splits of 64 keys; adaptive partitions spread each short context over the splits instead (1 to 5 active,
+    # partitions of one tile or of min_split_keys), and the merge must combine exactly the active ones.
+    case = Case(q_lens=[1] * 6, seq_lens=[1, 9, 16, 40, 70, 130], num_kv_heads=2, group=4, head_dim=32,
+                block_size=8, dtype=torch.float32, table_slack=40, seed=5)
+    args = build(case, TRITON_DEVICE)
+    assert paged_attention_module._decode_partition(6 * 2, args[3].shape[1] * 8,
+                                                     DecodeConfig(block_n, 4, 1, min_partition=64), 8) == 64
+    for direct in (False, True):
+        cfg = DecodeConfig(block_n, 4, 1, min_partition=64, merge=merge, direct_single_split=direct,
+                           adaptive_split=True, min_split_keys=min_split_keys)
+        check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
 
 
 @pytest.mark.parametrize("merge", ["group", "fused"])
