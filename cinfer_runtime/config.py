@@ -1,8 +1,9 @@
 """Engine configuration: the user's knobs, validated once, then resolved against the model.
 
 ``EngineConfig`` holds what ``cinfer_runtime.compile`` was given. ``resolve`` fills the values that depend on the
-model (``max_model_len``, ``max_num_batched_tokens``); ``num_kv_blocks`` is filled by ``kv_cache.num_kv_blocks_for``
-once the device is known. Every other module reads the resolved config and never re-derives these numbers.
+model (``max_model_len``, ``max_num_batched_tokens``); the engine fills ``num_kv_blocks`` (``kv_cache``: on CPU
+once the device is known, on a GPU after the warm-up measured its memory). Every other module reads the resolved
+config and never re-derives these numbers.
 """
 from dataclasses import dataclass, replace
 

@@ -20,17 +20,21 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence as SequenceABC
 from dataclasses import replace
+from itertools import accumulate
 
 import torch
 from tqdm.auto import tqdm
 
 import graph_passes
+from graph_passes import AttentionMetadata
 from cinfer_runtime.block_manager import BlockManager
 from cinfer_runtime.config import EngineConfig, cdiv
-from cinfer_runtime.kv_cache import KVCacheSpec, allocate_kv_caches, num_kv_blocks_for
+from cinfer_runtime.kv_cache import (PROFILE_NUM_KV_BLOCKS, DeviceMemory, KVCacheSpec, allocate_kv_caches,
+                                     cpu_num_kv_blocks, gpu_reserve_bytes, log_kv_cache, measure_peak_memory,
+                                     num_kv_blocks_from_memory, sizes_from_device_memory)
 from cinfer_runtime.model_runner import InFlightStep, ModelRunner
 from cinfer_runtime.outputs import RequestOutput
-from cinfer_runtime.sampler import Sampler
+from cinfer_runtime.sampler import Sampler, SamplingRow
 from cinfer_runtime.sampling_params import SamplingParams
 from cinfer_runtime.scheduler import Scheduler, SchedulerOutput
 from cinfer_runtime.sequence import Sequence
@@ -45,11 +49,15 @@ def compile(model: torch.nn.Module, *, tokenizer=None, block_size: int = 16, num
             enable_prefix_caching: bool = True) -> "Engine":
     """Compile an unmodified HF causal LM (e.g. ``LlamaForCausalLM``) into a batched-generation engine.
 
-    Allocates the paged KV cache (``num_kv_blocks`` blocks of ``block_size`` tokens; sized from free device memory
-    when None), rewrites and compiles the model over it, runs warm-up steps (a model the graph passes cannot
-    rewrite raises ``graph_passes.GraphRewriteError`` here; on a GPU they also compile every variant of the Triton
-    kernels, so that none compiles while serving) and, on a GPU unless ``enforce_eager``, captures CUDA graphs for
-    decode steps and for prefill steps of up to ``cuda_graphs.PREFILL_GRAPH_MAX_TOKENS`` tokens. ``inner_backend`` is what compiles the rewritten graph (``"inductor"``, or ``"eager"`` for
+    Allocates the paged KV cache (``num_kv_blocks`` blocks of ``block_size`` tokens), rewrites and compiles the model
+    over it, runs warm-up steps (a model the graph passes cannot rewrite raises ``graph_passes.GraphRewriteError``
+    here; on a GPU they also compile every variant of the Triton kernels, so that none compiles while serving) and,
+    on a GPU unless ``enforce_eager``, captures CUDA graphs for decode steps and for prefill steps of up to
+    ``cuda_graphs.PREFILL_GRAPH_MAX_TOKENS`` tokens. ``num_kv_blocks=None`` on a GPU runs the
+    warm-up, the largest step (up to ``max_num_batched_tokens`` tokens) and the largest sampling over a few
+    blocks, measuring their peak memory; the cache then gets what is left of ``gpu_memory_utilization`` of the
+    card (RuntimeError if nothing is; ``kv_cache.num_kv_blocks_from_memory``). On CPU it holds a few full-length
+    sequences. ``inner_backend`` is what compiles the rewritten graph (``"inductor"``, or ``"eager"`` for
     a fast compile). ``seed`` draws the seeds of requests whose ``SamplingParams.seed`` is None.
     ``async_scheduling`` overlaps consecutive decode steps (see the module docstring); outputs are unchanged. None
     (the default) turns it on for a model on a GPU, where it removes the device's idle time between decode steps
@@ -81,8 +89,13 @@ class Engine:
             model_max_len = window
         config = config.resolve(model_max_len)
         self.device = next(model.parameters()).device
-        if config.num_kv_blocks is None:
-            config = replace(config, num_kv_blocks=num_kv_blocks_for(model, config, self.device))
+        # On a GPU with no num_kv_blocks given, the cache is sized from the memory the warm-up measured: until then
+        # the model runs over a few blocks (_profile_run, _num_kv_blocks_from, _rebind_kv_cache).
+        profile = sizes_from_device_memory(config, self.device)
+        if profile:
+            config = replace(config, num_kv_blocks=PROFILE_NUM_KV_BLOCKS)
+        elif config.num_kv_blocks is None:
+            config = replace(config, num_kv_blocks=cpu_num_kv_blocks(model, config))
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = model.get_input_embeddings().num_embeddings
@@ -100,10 +113,17 @@ class Engine:
         # graph capture.
         self.startup_times: dict[str, float] = {}
         start = time.perf_counter()
-        self.runner.warm_up()
+        if profile:
+            memory = measure_peak_memory(self.device, self._profile_run)
+        else:
+            self.runner.warm_up()
         self.startup_times["compile_s"] = time.perf_counter() - start
         self.startup_times.update(self.paged_model.compile_times)  # parts of compile_s
-        if self.runner.graphs is not None:
+        if profile:
+            self._rebind_kv_cache(spec, self._num_kv_blocks_from(memory, spec))
+        config = self.config
+        log_kv_cache(spec, config.num_kv_blocks, config.block_size)
+        if self.runner.graphs is not None:  # captured over the final caches: a graph keeps the addresses it saw
             start = time.perf_counter()
             self.runner.capture_graphs()
             self.startup_times["cuda_graphs_s"] = time.perf_counter() - start
@@ -120,6 +140,71 @@ class Engine:
         self._stream_queues: dict[str, deque[RequestOutput]] = {}
         self._in_flight: InFlightStep | None = None  # async scheduling: the launched step whose tokens are unread
         self.num_overlapped_steps = 0                # async scheduling: steps launched before their inputs were read
+
+    # ------------------------------------------------------------------------------------------------ start-up
+    @torch.no_grad()
+    def _profile_run(self) -> None:
+        """What ``measure_peak_memory`` measures: the warm-up (over the profiling caches), then what the warm-up
+        does not run but serving may: the largest step and the sampler's largest call. Their K/V go nowhere."""
+        self.runner.warm_up()
+        self._run_largest_step()
+        self._run_largest_sampling()
+
+    def _run_largest_step(self) -> None:
+        """The model over the most tokens a step can hold: ``min(max_num_batched_tokens, max_num_seqs *
+        max_model_len)`` tokens in full-length sequences, whose activations set the peak (the warm-up's largest
+        step stops at the kernels' token thresholds). Made-up sequences, as in the warm-up: their context is
+        their new tokens, all in block 0, and they write nowhere (slot -1). Any ``[1, N]`` step runs the
+        compiled graph without recompiling."""
+        config, device = self.config, self.device
+        tokens = min(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len)
+        q_lens = [min(config.max_model_len, tokens - start) for start in range(0, tokens, config.max_model_len)]
+        query_start_loc = torch.tensor([0, *accumulate(q_lens)], dtype=torch.int32, device=device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=device),
+            block_tables=torch.zeros(len(q_lens), config.max_blocks_per_seq, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(q_lens, dtype=torch.int32, device=device),
+            query_start_loc=query_start_loc,
+            logits_indices=query_start_loc[1:].to(torch.int64) - 1)
+        positions = torch.cat([torch.arange(n, device=device) for n in q_lens]).unsqueeze(0)
+        self.paged_model(torch.zeros_like(positions), positions, meta)
+
+    def _run_largest_sampling(self) -> None:
+        """The sampler over a full batch (``max_num_seqs`` rows), every row with every filter and a repetition
+        penalty: its fp32 copies and sort of ``[max_num_seqs, vocab]`` can outweigh a step's activations, and the
+        warm-up samples two rows at most."""
+        sampler = self.runner.sampler
+        lm_head = self.paged_model.model.get_output_embeddings().weight
+        logits = torch.zeros(self.config.max_num_seqs, sampler.vocab_size, dtype=lm_head.dtype, device=self.device)
+        params = SamplingParams(temperature=1.0, top_k=8, top_p=0.9, min_p=0.01, repetition_penalty=1.1)
+        sampler(logits, [SamplingRow(params, 0, 0, [0])] * logits.shape[0]).tolist()
+
+    def _num_kv_blocks_from(self, memory: DeviceMemory, spec: KVCacheSpec) -> int:
+        """The cache's block count from the memory ``_profile_run`` measured (``num_kv_blocks_from_memory``)."""
+        config = self.config
+        lm_head = self.paged_model.model.get_output_embeddings().weight
+        graphs = self.runner.graphs
+        batches = [batch for _, batch in graphs.shapes] if graphs is not None else []
+        reserve = gpu_reserve_bytes(batches, lm_head.shape[0] * lm_head.element_size())
+        gib = 2 ** 30
+        logger.info("KV cache budget: %.2f GiB (gpu_memory_utilization %s of %.2f GiB) - %.2f GiB outside torch - "
+                    "%.2f GiB torch peak in the warm-up - %.2f GiB reserve",
+                    memory.total * config.gpu_memory_utilization / gib, config.gpu_memory_utilization,
+                    memory.total / gib, memory.non_torch / gib, memory.torch_peak / gib, reserve / gib)
+        return num_kv_blocks_from_memory(memory, config.gpu_memory_utilization, reserve,
+                                         spec.bytes_per_block(config.block_size))
+
+    def _rebind_kv_cache(self, spec: KVCacheSpec, num_kv_blocks: int) -> None:
+        """Replace the caches the warm-up ran over by NaN-filled ones of ``num_kv_blocks`` blocks, before anything
+        holds their addresses (CUDA graphs) or their size (the block manager). The compiled graph takes the
+        caches as inputs with a symbolic block count, so it runs on the new ones without recompiling."""
+        config = replace(self.config, num_kv_blocks=num_kv_blocks)
+        # The old caches are freed when the model lets go of them; while both exist the budget still holds, since
+        # the measured peak counted the old ones.
+        self.k_caches, self.v_caches = allocate_kv_caches(spec, num_kv_blocks, config.block_size, self.device)
+        self.paged_model.set_caches(self.k_caches, self.v_caches)
+        self.config = config
+        self.runner.config = config  # the runner reads no block count today; keep it from seeing a stale one
 
     # ----------------------------------------------------------------------------------------------- requests
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:

@@ -38,7 +38,9 @@ would otherwise cause recompiles, and both are handled here, so the runtime need
   would recompile; the compiled call runs with duck sizing off.
 
 The caches' block count is dynamic too (it follows free device memory, which differs between processes), so
-the same model and engine settings give the same graph, and a restart reuses Inductor's on-disk caches.
+the same model and engine settings give the same graph, and a restart reuses Inductor's on-disk caches. It also
+lets ``PagedModel.set_caches`` swap in caches of another block count without recompiling: the engine warms up
+over a few blocks, measures its peak memory, then gives the rest of the device to the cache.
 
 So after the first (warm-up) call, any ``[1, N]`` step with any batch composition runs the same graph, without
 recompiling. Changing dtype/device of the inputs, grad mode, or the number of caches does recompile.
@@ -148,12 +150,7 @@ class PagedModel:
 
     def __init__(self, model: torch.nn.Module, k_caches: list[Tensor], v_caches: list[Tensor], inner_backend: str):
         self.model = model
-        self.k_caches = list(k_caches)
-        self.v_caches = list(v_caches)
-        for cache in self.k_caches + self.v_caches:
-            # The number of blocks follows free device memory, so it differs between processes; as a symbol
-            # it stays out of the compiled graph, and a restart hits Inductor's caches instead of recompiling.
-            torch._dynamo.maybe_mark_dynamic(cache, 0)
+        self._bind_caches(k_caches, v_caches)
         self.inner_backend = inner_backend
         self.report: dict[str, int] = {}
         self.compile_times: dict[str, float] = {}  # seconds in the graph passes and in the inner compiler
@@ -161,6 +158,31 @@ class PagedModel:
         self.ops_before = None
         self.ops_after = None
         self._step = torch.compile(_make_step(model), backend=self._backend, fullgraph=True)
+
+    def set_caches(self, k_caches: list[Tensor], v_caches: list[Tensor]) -> None:
+        """Run over other caches from the next call on: one K and one V tensor per layer, contiguous, shaped like
+        the current ones except for the block count (the same for all), in their dtype and on their device. The
+        compiled graph takes the caches as inputs with a symbolic block count, so this does not recompile (the
+        engine sizes its cache after a warm-up over a few blocks). Call it before capturing CUDA graphs, which
+        keep the addresses of the caches they were captured over."""
+        _check_caches(len(self.k_caches), k_caches, v_caches)
+        current = self.k_caches[0]
+        num_blocks = k_caches[0].shape[0]
+        for cache in list(k_caches) + list(v_caches):
+            if (cache.shape != (num_blocks, *current.shape[1:]) or cache.dtype != current.dtype
+                    or cache.device != current.device):
+                raise ValueError(f"new caches must all be [num_blocks, {', '.join(map(str, current.shape[1:]))}] "
+                                 f"{current.dtype} on {current.device}, like the current ones, got "
+                                 f"{tuple(cache.shape)} {cache.dtype} on {cache.device}")
+        self._bind_caches(k_caches, v_caches)
+
+    def _bind_caches(self, k_caches: list[Tensor], v_caches: list[Tensor]) -> None:
+        self.k_caches = list(k_caches)
+        self.v_caches = list(v_caches)
+        for cache in self.k_caches + self.v_caches:
+            # The number of blocks follows free device memory, so it differs between processes; as a symbol
+            # it stays out of the compiled graph, and a restart hits Inductor's caches instead of recompiling.
+            torch._dynamo.maybe_mark_dynamic(cache, 0)
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list):
         start = time.perf_counter()
@@ -215,6 +237,16 @@ def _warn_sliding_window(config) -> None:
                        "max_model_len there)", config.model_type, window, window)
 
 
+def _check_caches(num_layers: int, k_caches: list[Tensor], v_caches: list[Tensor]) -> None:
+    if len(k_caches) != num_layers or len(v_caches) != num_layers:
+        raise ValueError(f"expected {num_layers} k and v caches (one per layer), got {len(k_caches)} and "
+                         f"{len(v_caches)}")
+    for k, v in zip(k_caches, v_caches):
+        if k.dim() != 4 or k.shape != v.shape or not k.is_contiguous() or not v.is_contiguous():
+            raise ValueError(f"caches must be contiguous [num_blocks, block_size, num_kv_heads, head_dim] pairs, "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+
+
 def compile_model(model: torch.nn.Module, k_caches: list[Tensor], v_caches: list[Tensor], *,
                   inner_backend: str = "inductor") -> PagedModel:
     """Compile an HF causal LM (Llama, Mistral, Qwen2 family) over the runtime's paged KV caches.
@@ -225,13 +257,6 @@ def compile_model(model: torch.nn.Module, k_caches: list[Tensor], v_caches: list
     "aot_eager" to skip Inductor (tests).
     """
     config = model.config
-    num_layers = config.num_hidden_layers
-    if len(k_caches) != num_layers or len(v_caches) != num_layers:
-        raise ValueError(f"expected {num_layers} k and v caches (one per layer), got {len(k_caches)} and "
-                         f"{len(v_caches)}")
-    for k, v in zip(k_caches, v_caches):
-        if k.dim() != 4 or k.shape != v.shape or not k.is_contiguous() or not v.is_contiguous():
-            raise ValueError(f"caches must be contiguous [num_blocks, block_size, num_kv_heads, head_dim] pairs, "
-                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check_caches(config.num_hidden_layers, k_caches, v_caches)
     _warn_sliding_window(config)
     return PagedModel(model, k_caches, v_caches, inner_backend)

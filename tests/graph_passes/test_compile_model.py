@@ -9,7 +9,7 @@ from transformers import AttentionInterface
 from graph_passes import GraphRewriteError, compile_model
 from graph_passes.fx_utils import op_counts
 from tests.graph_passes.tiny_models import NUM_BLOCKS, VARIANTS, PagedDriver, make_caches, make_model, run_scenario
-from tests.tolerances import LOGITS
+from tests.tolerances import LOGITS, assert_close
 
 
 def _assert_rewritten(paged, num_layers: int) -> None:
@@ -105,6 +105,49 @@ def test_new_batch_compositions_do_not_recompile():
             graphs, frames = stats["unique_graphs"], stats["calls_captured"]
     assert stats["unique_graphs"] == graphs, "a new batch composition recompiled the graph"
     assert stats["calls_captured"] == frames
+
+
+@pytest.mark.parametrize("inner_backend", ["eager", "inductor"])
+def test_set_caches_swaps_in_a_larger_cache_without_recompiling(inner_backend):
+    # The engine's order on a GPU: warm up over a few blocks, then swap in the real cache. The graph must run on
+    # the new caches (the scenario writes and reads blocks the old ones do not have) without recompiling.
+    model = make_model("llama3_gqa_rope_scaling", num_hidden_layers=1 if inner_backend == "inductor" else 2)
+    small_k, small_v = make_caches(model, num_blocks=4)
+    paged = compile_model(model, small_k, small_v, inner_backend=inner_backend)
+    driver = PagedDriver(num_blocks=4)
+    driver.add(19)
+    chunks = [(0, 0, 19)]
+    assert_close(paged(*driver.step_inputs(chunks)), driver.reference_logits(model, chunks), LOGITS, torch.float32)
+    small_before = [c.clone() for c in small_k + small_v]
+    stats = torch._dynamo.utils.counters["stats"]
+    graphs, frames = stats["unique_graphs"], stats["calls_captured"]
+
+    k_caches, v_caches = make_caches(model, num_blocks=NUM_BLOCKS)
+    paged.set_caches(k_caches, v_caches)
+    assert paged.k_caches == k_caches and paged.v_caches == v_caches
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run_scenario(model, paged, LOGITS)
+    assert stats["unique_graphs"] == graphs and stats["calls_captured"] == frames, "set_caches recompiled the graph"
+    assert any(not c.isnan().all() for c in k_caches + v_caches), "the new caches were never written"
+    for before, after in zip(small_before, small_k + small_v):  # the old ones are no longer written
+        torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_set_caches_rejects_caches_unlike_the_current_ones():
+    model = make_model("llama2_mha")
+    paged = compile_model(model, *make_caches(model), inner_backend="eager")
+    k_caches, v_caches = make_caches(model, num_blocks=NUM_BLOCKS + 1)
+    with pytest.raises(ValueError, match="one per layer"):
+        paged.set_caches(k_caches[:1], v_caches[:1])
+    with pytest.raises(ValueError, match="contiguous"):
+        paged.set_caches([c.transpose(2, 3) for c in k_caches], [c.transpose(2, 3) for c in v_caches])
+    with pytest.raises(ValueError, match="like the current ones"):
+        paged.set_caches(*make_caches(model, block_size=16))
+    with pytest.raises(ValueError, match="like the current ones"):
+        paged.set_caches([c.double() for c in k_caches], [c.double() for c in v_caches])
+    with pytest.raises(ValueError, match="like the current ones"):  # one block count for every layer
+        paged.set_caches([k_caches[0], k_caches[1][:-1].contiguous()], [v_caches[0], v_caches[1][:-1].contiguous()])
+    assert paged.k_caches[0].shape[0] == NUM_BLOCKS, "a rejected swap leaves the current caches"
 
 
 def _non_causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

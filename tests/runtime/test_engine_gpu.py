@@ -1,6 +1,7 @@
 """The engine on a GPU in bf16, CUDA graphs on and off: greedy outputs equal HF ``generate`` up to near-ties (where
 the two first differ, HF's logits for the two tokens must be within the bf16 logits tolerance), under chunked
-prefill and under heavy preemption; decode and prefill steps really replay graphs; the cache is sized from device memory."""
+prefill and under heavy preemption; decode and prefill steps really replay graphs; the cache is sized from the memory
+the warm-up measured, swapped in without recompiling, and serving stays inside gpu_memory_utilization."""
 import importlib
 from collections import defaultdict
 
@@ -62,12 +63,25 @@ def test_cache_sized_from_device_memory(gpu_model):
     free_before, total = torch.cuda.mem_get_info()
     used_before = total - free_before
     utilization = min(0.95, (used_before + (4 << 30)) / total)
-    engine = cinfer_runtime.compile(gpu_model, max_num_seqs=8, gpu_memory_utilization=utilization)
+    # The warm-up runs over a few blocks, then the sized cache is swapped in: no recompile, in compile() or later.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        engine = cinfer_runtime.compile(gpu_model, max_num_seqs=8, gpu_memory_utilization=utilization)
+    assert engine.paged_model.k_caches == engine.k_caches and engine.paged_model.v_caches == engine.v_caches
+    assert engine.scheduler.block_manager.num_blocks == engine.config.num_kv_blocks == engine.k_caches[0].shape[0]
     kv_bytes = sum(c.numel() * c.element_size() for c in engine.k_caches + engine.v_caches)
     assert engine.config.num_kv_blocks * engine.config.block_size >= engine.config.max_model_len
     assert kv_bytes <= utilization * total - used_before, "the cache must respect gpu_memory_utilization"
     assert kv_bytes >= 1 << 30, "most of the 4 GiB headroom should go to the cache"
-    out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)[0]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)[0]
+        # The largest steps serving takes (8 prompts of 500 tokens: one 4000-token step, then a decode batch of
+        # 8, sampled with every filter) stay inside the share the cache was sized for.
+        prompts = make_prompts(gpu_model.config.vocab_size, lens=[500] * 8, seed=5)
+        params = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, top_p=0.9, min_p=0.01,
+                                repetition_penalty=1.1, ignore_eos=True)
+        engine.generate(prompts, params, use_tqdm=False)
+    free_after, _ = torch.cuda.mem_get_info()
+    assert total - free_after <= utilization * total, "serving went past gpu_memory_utilization"
     assert out.token_ids == hf_greedy(gpu_model, [5, 6, 7], 4)[:len(out.token_ids)]
     del engine
 
