@@ -138,9 +138,9 @@ class PrefillConfig:
 # causal at 316 TFLOP/s. The 64 and 256 rows are scaled from it, untuned.
 DECODE_CONFIGS = {
     64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, grid_order="head", merge="fused",
-                     adaptive_split=True),
+                     ),
     128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, grid_order="head", merge="fused",
-                      adaptive_split=True),
+                      ),
     256: DecodeConfig(block_n=32, num_warps=4, num_stages=3),
 }
 PREFILL_CONFIGS = {
