@@ -20,13 +20,11 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence as SequenceABC
 from dataclasses import replace
-from itertools import accumulate
 
 import torch
 from tqdm.auto import tqdm
 
 import graph_passes
-from graph_passes import AttentionMetadata
 from cinfer_runtime.block_manager import BlockManager
 from cinfer_runtime.config import EngineConfig, cdiv
 from cinfer_runtime.kv_cache import (PROFILE_NUM_KV_BLOCKS, DeviceMemory, KVCacheSpec, allocate_kv_caches,
@@ -34,7 +32,7 @@ from cinfer_runtime.kv_cache import (PROFILE_NUM_KV_BLOCKS, DeviceMemory, KVCach
                                      num_kv_blocks_from_memory, sizes_from_device_memory)
 from cinfer_runtime.model_runner import InFlightStep, ModelRunner
 from cinfer_runtime.outputs import RequestOutput
-from cinfer_runtime.sampler import Sampler, SamplingRow
+from cinfer_runtime.sampler import Sampler
 from cinfer_runtime.sampling_params import SamplingParams
 from cinfer_runtime.scheduler import Scheduler, SchedulerOutput
 from cinfer_runtime.sequence import Sequence
@@ -90,7 +88,7 @@ class Engine:
         config = config.resolve(model_max_len)
         self.device = next(model.parameters()).device
         # On a GPU with no num_kv_blocks given, the cache is sized from the memory the warm-up measured: until then
-        # the model runs over a few blocks (_profile_run, _num_kv_blocks_from, _rebind_kv_cache).
+        # the model runs over a few blocks (ModelRunner.profile_run, _num_kv_blocks_from, _rebind_kv_cache).
         profile = sizes_from_device_memory(config, self.device)
         if profile:
             config = replace(config, num_kv_blocks=PROFILE_NUM_KV_BLOCKS)
@@ -114,7 +112,7 @@ class Engine:
         self.startup_times: dict[str, float] = {}
         start = time.perf_counter()
         if profile:
-            memory = measure_peak_memory(self.device, self._profile_run)
+            memory = measure_peak_memory(self.device, self.runner.profile_run)
         else:
             self.runner.warm_up()
         self.startup_times["compile_s"] = time.perf_counter() - start
@@ -142,45 +140,8 @@ class Engine:
         self.num_overlapped_steps = 0                # async scheduling: steps launched before their inputs were read
 
     # ------------------------------------------------------------------------------------------------ start-up
-    @torch.no_grad()
-    def _profile_run(self) -> None:
-        """What ``measure_peak_memory`` measures: the warm-up (over the profiling caches), then what the warm-up
-        does not run but serving may: the largest step and the sampler's largest call. Their K/V go nowhere."""
-        self.runner.warm_up()
-        self._run_largest_step()
-        self._run_largest_sampling()
-
-    def _run_largest_step(self) -> None:
-        """The model over the most tokens a step can hold: ``min(max_num_batched_tokens, max_num_seqs *
-        max_model_len)`` tokens in full-length sequences, whose activations set the peak (the warm-up's largest
-        step stops at the kernels' token thresholds). Made-up sequences, as in the warm-up: their context is
-        their new tokens, all in block 0, and they write nowhere (slot -1). Any ``[1, N]`` step runs the
-        compiled graph without recompiling."""
-        config, device = self.config, self.device
-        tokens = min(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len)
-        q_lens = [min(config.max_model_len, tokens - start) for start in range(0, tokens, config.max_model_len)]
-        query_start_loc = torch.tensor([0, *accumulate(q_lens)], dtype=torch.int32, device=device)
-        meta = AttentionMetadata(
-            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=device),
-            block_tables=torch.zeros(len(q_lens), config.max_blocks_per_seq, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(q_lens, dtype=torch.int32, device=device),
-            query_start_loc=query_start_loc,
-            logits_indices=query_start_loc[1:].to(torch.int64) - 1)
-        positions = torch.cat([torch.arange(n, device=device) for n in q_lens]).unsqueeze(0)
-        self.paged_model(torch.zeros_like(positions), positions, meta)
-
-    def _run_largest_sampling(self) -> None:
-        """The sampler over a full batch (``max_num_seqs`` rows), every row with every filter and a repetition
-        penalty: its fp32 copies and sort of ``[max_num_seqs, vocab]`` can outweigh a step's activations, and the
-        warm-up samples two rows at most."""
-        sampler = self.runner.sampler
-        lm_head = self.paged_model.model.get_output_embeddings().weight
-        logits = torch.zeros(self.config.max_num_seqs, sampler.vocab_size, dtype=lm_head.dtype, device=self.device)
-        params = SamplingParams(temperature=1.0, top_k=8, top_p=0.9, min_p=0.01, repetition_penalty=1.1)
-        sampler(logits, [SamplingRow(params, 0, 0, [0])] * logits.shape[0]).tolist()
-
     def _num_kv_blocks_from(self, memory: DeviceMemory, spec: KVCacheSpec) -> int:
-        """The cache's block count from the memory ``_profile_run`` measured (``num_kv_blocks_from_memory``)."""
+        """The cache's block count from the memory ``ModelRunner.profile_run`` measured (``num_kv_blocks_from_memory``)."""
         config = self.config
         lm_head = self.paged_model.model.get_output_embeddings().weight
         graphs = self.runner.graphs

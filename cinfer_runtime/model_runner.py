@@ -172,6 +172,25 @@ class ModelRunner:
             self.sampler(logits[:1], [greedy]).tolist()  # the all-greedy path (argmax of the raw logits)
 
     @torch.no_grad()
+    def profile_run(self) -> None:
+        """What the engine measures to size the KV cache (``kv_cache.measure_peak_memory``): the warm-up, then
+        what the warm-up does not run but serving may. The largest step: ``min(max_num_batched_tokens,
+        max_num_seqs * max_model_len)`` tokens in full-length made-up sequences (the warm-up's largest step stops
+        at the kernels' token thresholds), writing nowhere. The sampler's largest call: ``max_num_seqs`` rows with
+        every filter and a repetition penalty, whose fp32 copies and sort of ``[rows, vocab]`` can outweigh a
+        step's activations (the warm-up samples two rows at most)."""
+        self.warm_up()
+        config = self.config
+        tokens = min(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len)
+        q_lens = [min(config.max_model_len, tokens - start) for start in range(0, tokens, config.max_model_len)]
+        self._fill_dummy(q_lens)
+        logits = self.model(*self.dev.model_inputs(tokens, len(q_lens)))
+        rows = config.max_num_seqs
+        params = SamplingParams(temperature=1.0, top_k=8, top_p=0.9, min_p=0.01, repetition_penalty=1.1)
+        logits = torch.zeros(rows, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        self.sampler(logits, [SamplingRow(params, 0, 0, [0])] * rows).tolist()
+
+    @torch.no_grad()
     def capture_graphs(self) -> None:
         assert self.graphs is not None
         self.graphs.capture(prepare=lambda tokens, batch: self._fill_dummy(_spread(tokens, batch)),

@@ -70,12 +70,12 @@ def test_cpu_cache_holds_a_few_full_length_sequences(model):
 
 def _fake_gpu(monkeypatch, memory_for, seen):
     """Take the GPU sizing path on CPU: ``measure_peak_memory`` runs the profile run and returns
-    ``memory_for(engine)``; ``seen`` gets the engine's caches and config as the profile run found them."""
+    ``memory_for(runner)``; ``seen`` gets the runner's caches and config as the profile run found them."""
     def measure(device, run):
-        engine = run.__self__
-        seen.update(caches=list(engine.paged_model.k_caches + engine.paged_model.v_caches), config=engine.config)
+        runner = run.__self__  # ModelRunner.profile_run
+        seen.update(caches=list(runner.model.k_caches + runner.model.v_caches), config=runner.config)
         run()
-        return memory_for(engine)
+        return memory_for(runner)
     monkeypatch.setattr(engine_module, "sizes_from_device_memory", lambda config, device: config.num_kv_blocks is None)
     monkeypatch.setattr(engine_module, "measure_peak_memory", measure)
 
@@ -84,8 +84,8 @@ def test_cache_sized_after_the_warm_up_serves_without_recompiling(model, prompts
     blocks_wanted = 40
     non_torch, torch_peak = 3 * MIB, 5 * MIB
 
-    def memory_for(engine):
-        per_block = KVCacheSpec.from_model(model).bytes_per_block(engine.config.block_size)
+    def memory_for(runner):
+        per_block = KVCacheSpec.from_model(model).bytes_per_block(runner.config.block_size)
         needed = non_torch + torch_peak + GPU_RESERVED_BYTES + blocks_wanted * per_block + per_block // 2
         total = 2 * needed  # gpu_memory_utilization=0.5 below: `needed` is the share
         reserved = torch_peak + 7 * MIB
@@ -124,7 +124,7 @@ def test_cache_sized_after_the_warm_up_serves_without_recompiling(model, prompts
 
 def test_engine_without_memory_for_a_block_fails_in_compile(model, monkeypatch):
     memory = DeviceMemory(total=GIB, free=GIB // 4, torch_reserved=GIB // 2, torch_peak=GIB // 2)
-    _fake_gpu(monkeypatch, lambda engine: memory, {})
+    _fake_gpu(monkeypatch, lambda runner: memory, {})
     with pytest.raises(RuntimeError, match="no device memory left for the KV cache"):
         cinfer_runtime.compile(model, block_size=8, max_num_seqs=4, max_num_batched_tokens=16,
                                inner_backend="eager")
