@@ -85,7 +85,7 @@ def _stream_linear_kernel(
     EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr,
     # The norm prologue (cinfer_ops.norm_linear): NORM 0 none (these arguments unused, None/0), 1 rms_norm of x,
     # 2 fused_add_rms_norm of x + residual, whose sum program 0 writes to new_residual_ptr ([M, K], contiguous).
-    norm_w_ptr, residual_ptr, new_residual_ptr, stride_rm, eps, NORM: tl.constexpr, NORM_K: tl.constexpr,
+    norm_w_ptr, residual_ptr, new_residual_ptr, stride_rm, eps, NORM: tl.constexpr,
 ):
     # The K loop is software-pipelined num_stages deep (a launch option).
     # Program p computes out[:, p*BLOCK_N : (p+1)*BLOCK_N] as (W[rows] @ x^T)^T. Weight rows past N (the last
@@ -98,27 +98,29 @@ def _stream_linear_kernel(
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]        # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows_m.to(tl.int64)[None, :] * stride_xm + ks[:, None]        # [BLOCK_K, BLOCK_M]
     if NORM != 0:
-        # Every program first needs each row's rstd over the whole K: it reads x (and residual) once more, a whole
-        # row per load (NORM_K >= K elements: a few KiB, L2-resident, shared by all programs), so a batch-1 step
-        # waits for one load here, not for K / BLOCK_K dependent ones. Rows past M get a finite rstd (their sum
-        # of squares is 0) and are never stored.
+        # Every program first needs each row's rstd over the whole K: it reads x (and residual) once more, in
+        # BLOCK_K chunks (a few KiB a row, L2-resident, shared by all programs). Rows past M get a finite rstd
+        # (their x is zero) and are never stored.
         if NORM == 2:
-            r_ptrs = residual_ptr + rows_m.to(tl.int64)[None, :] * stride_rm + ks[:, None]  # the main loop's
-            # One writer of new_residual (program 0: no races), into a fresh tensor (no in-place update).
-            k_store = tl.where(tl.program_id(0) == 0, K, 0)
-        kk = tl.arange(0, NORM_K)
-        k_in = kk < K
-        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for m in range(0, M):
-            h = tl.load(x_ptr + m * stride_xm + kk, mask=k_in, other=0.0)
+            r_ptrs = residual_ptr + rows_m.to(tl.int64)[None, :] * stride_rm + ks[:, None]
+            new_r_ptrs = new_residual_ptr + rows_m.to(tl.int64)[None, :] * K + ks[:, None]
+            stores_m = rows_m < tl.where(tl.program_id(0) == 0, M, 0)  # m_ok in program 0, none elsewhere
+        sum_sq = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                mask = m_ok[None, :]
+            else:
+                mask = m_ok[None, :] & ((k0 + ks) < K)[:, None]
+            h = tl.load(x_ptrs + k0, mask=mask, other=0.0)
             if NORM == 2:
                 # One rounding to the input dtype, as torch's `x + residual` (and cinfer.fused_add_rms_norm) does.
-                r = tl.load(residual_ptr + m * stride_rm + kk, mask=k_in, other=0.0)
+                r = tl.load(r_ptrs + k0, mask=mask, other=0.0)
                 h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
-                tl.store(new_residual_ptr + m * K + kk, h, mask=kk < k_store)
+                # One writer (no races), a fresh tensor (no in-place update)
+                tl.store(new_r_ptrs + k0, h, mask=mask & stores_m[None, :])
             hf = h.to(tl.float32)
-            sum_sq = tl.where(rows_m == m, tl.sum(hf * hf, axis=0), sum_sq)
-        rstd = tl.rsqrt(sum_sq / K + eps)                                           # [BLOCK_M], fp32
+            sum_sq += hf * hf
+        rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)                          # [BLOCK_M], fp32
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
@@ -186,7 +188,6 @@ def launch_stream_kernel(x2: Tensor, weight: Tensor, bias: Tensor | None, out: T
         FP32_IEEE=x2.dtype == torch.float32,
         norm_w_ptr=norm_weight, residual_ptr=residual, new_residual_ptr=new_residual,
         stride_rm=residual.stride(0) if residual is not None else 0, eps=eps, NORM=norm,
-        NORM_K=triton.next_power_of_2(k) if norm else 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 

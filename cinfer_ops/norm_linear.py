@@ -96,20 +96,10 @@ def rms_norm_linear(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) 
     return rms_norm_linear_reference(x, norm_weight, eps, weight)
 
 
-# The prologue loads a whole row of x at once (its rstd), so rows wider than this would not fit in registers.
-MAX_FOLD_K = 8192
-
-
-def _fold_config(x: Tensor, weight: Tensor) -> LinearConfig | None:
-    """The streaming config when the norm folds into the linear's kernel, else None (the norm's kernel, then
-    cuBLAS or the plain streaming kernel, as the unfolded graph ran)."""
-    return stream_config(x, weight) if x.shape[-1] <= MAX_FOLD_K else None
-
-
 @rms_norm_linear.register_kernel("cuda")
 def _(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
     _check_norm_linear(x, None, norm_weight, weight)
-    config = _fold_config(x, weight)
+    config = stream_config(x, weight)
     if config is None:  # as unfolded: the norm's kernel, then cuBLAS
         return linear_reference(rms_norm_triton(x, norm_weight, eps), weight, None).contiguous()
     return rms_norm_linear_triton(x, norm_weight, eps, weight, config=config)
@@ -133,7 +123,7 @@ def fused_add_rms_norm_linear(x: Tensor, residual: Tensor, norm_weight: Tensor, 
 @fused_add_rms_norm_linear.register_kernel("cuda")
 def _(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> tuple[Tensor, Tensor]:
     _check_norm_linear(x, residual, norm_weight, weight)
-    config = _fold_config(x, weight)
+    config = stream_config(x, weight)
     if config is None:  # as unfolded: the norm's kernel, then cuBLAS
         normed, new_residual = fused_add_rms_norm_triton(x, residual, norm_weight, eps)
         return linear_reference(normed, weight, None).contiguous(), new_residual
