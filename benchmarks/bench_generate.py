@@ -24,7 +24,6 @@ from benchmarks.common import copy_bandwidth_gbps, device_info, print_table, wri
 from benchmarks.models import load_model, weight_bytes
 
 linear_op = importlib.import_module("cinfer_ops.linear")  # the module (the package's ``linear`` is the op)
-pass_manager = importlib.import_module("graph_passes.pass_manager")
 
 
 def _sync():
@@ -63,10 +62,8 @@ def bench_hf(model, prompts: torch.Tensor, new_tokens: int, static: bool) -> tup
     return total_s, ttft_s, startup_s if static else 0.0
 
 
-# peer -> (async_scheduling (None: the default), few-row linears on the streaming kernel (False: all on cuBLAS),
-#          norms folded into the projection after them (graph_passes.norm_linear_pass; False: separate kernels))
-CINFER_PEERS = {"cinfer": (None, True, True), "cinfer_sync": (False, True, True), "cinfer_cublas": (None, False, True),
-                "cinfer_nofold": (None, True, False)}
+# peer -> (async_scheduling (None: the default), few-row linears on the streaming kernel (False: all on cuBLAS))
+CINFER_PEERS = {"cinfer": (None, True), "cinfer_sync": (False, True), "cinfer_cublas": (None, False)}
 BLOCK_SIZE = 16
 
 
@@ -128,7 +125,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--peers", default="cinfer,hf_static,hf_eager",
-                    help="comma list of cinfer, cinfer_sync, cinfer_cublas, cinfer_nofold, hf_static, hf_eager")
+                    help="comma list of cinfer, cinfer_sync, cinfer_cublas, hf_static, hf_eager")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -160,18 +157,15 @@ def main():
             prompts = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
             try:
                 if peer in CINFER_PEERS:
-                    async_scheduling, stream_linear, fold_norms = CINFER_PEERS[peer]
-                    saved, saved_fold = linear_op.STREAM_ROWS, pass_manager.fold_norms_into_linears
+                    async_scheduling, stream_linear = CINFER_PEERS[peer]
+                    saved = linear_op.STREAM_ROWS
                     try:  # the op picks its kernel when a step runs or a CUDA graph is captured
                         linear_op.STREAM_ROWS = saved if stream_linear else 0
-                        if not fold_norms:  # the passes run at the engine's first (warm-up) step
-                            pass_manager.fold_norms_into_linears = lambda gm: 0
                         total, ttft, startup, engine = bench_cinfer(
                             model, prompts, args.new_tokens, max(batches), engine, async_scheduling=async_scheduling,
                             max_tokens_per_seq=args.prompt_len + args.new_tokens)
                     finally:
                         linear_op.STREAM_ROWS = saved
-                        pass_manager.fold_norms_into_linears = saved_fold
                     if args.profile:
                         profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_{peer}.txt")
                     if startup == 0.0:
@@ -206,14 +200,14 @@ def main():
         sync = by.get(("cinfer_sync", r["batch"]))
         if r["peer"] == "cinfer" and sync and "tok_s" in r and "tok_s" in sync:
             r["x_cinfer_sync"] = r["tok_s"] / sync["tok_s"]
-        for other in ("cinfer_cublas", "cinfer_nofold"):
+        for other in ("cinfer_cublas",):
             o = by.get((other, r["batch"]))
             if r["peer"] == "cinfer" and o and "tok_s" in r and "tok_s" in o:
                 r["x_" + other] = r["tok_s"] / o["tok_s"]
     print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "compile_s", "passes_s",
                        "inner_compile_s", "cuda_graphs_s",
                        "pct_roofline", "x_hf_static",
-                       "x_cinfer_sync", "x_cinfer_cublas", "x_cinfer_nofold", "overlapped_steps", "error"])
+                       "x_cinfer_sync", "x_cinfer_cublas", "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_generate_{args.model.replace('/', '_')}.json",
                dict(info=info, copy_gbps=bw, weight_bytes=wbytes, roofline_tok_s=roofline, args=vars(args), rows=rows))
 
