@@ -10,7 +10,6 @@ from cinfer_ops.kv_cache_write import MANY_TOKENS, kv_cache_write  # noqa: F401
 from cinfer_ops.paged_attention import paged_attention  # noqa: F401
 from cinfer_ops.rope_kv_cache_write import rope_kv_cache_write  # noqa: F401
 from cinfer_ops.linear import linear  # noqa: F401
-from cinfer_ops.norm_linear import fused_add_rms_norm_linear, rms_norm_linear  # noqa: F401
 
 # The Triton launchers pick their kernel variants (constexprs, num_warps) from the model's shapes, the cache and
 # fixed configs, plus a few thresholds on the step's size: token counts (these), and the split-KV decode's split
@@ -20,4 +19,4 @@ from cinfer_ops.norm_linear import fused_add_rms_norm_linear, rms_norm_linear  #
 VARIANT_TOKEN_THRESHOLDS = (MANY_ROWS, MANY_TOKENS)
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "kv_cache_write", "paged_attention", "rope_kv_cache_write", "linear",
-           "rms_norm_linear", "fused_add_rms_norm_linear", "VARIANT_TOKEN_THRESHOLDS"]
+           "VARIANT_TOKEN_THRESHOLDS"]

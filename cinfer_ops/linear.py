@@ -12,10 +12,6 @@ Larger ``M`` (prefill, big decode batches) is compute-bound or close to it and s
 implementation chooses per call, from ``LINEAR_CONFIGS``, so the choice is made at CUDA-graph capture and costs
 nothing at replay. The choice is per weight shape: a few-row GEMM against a weight that cuBLAS streams as fast
 stays on cuBLAS.
-
-The same kernel serves ``cinfer_ops.norm_linear`` (an RMSNorm, or residual add + RMSNorm, folded into the projection
-that reads it): with ``NORM`` != 0 each program first computes every row's rstd over the whole K, then normalises
-each x chunk in the K loop before the dot. With ``NORM`` == 0 that code is compiled out.
 """
 from dataclasses import dataclass
 
@@ -83,9 +79,6 @@ def _stream_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr,
-    # The norm prologue (cinfer_ops.norm_linear): NORM 0 none (these arguments unused, None/0), 1 rms_norm of x,
-    # 2 fused_add_rms_norm of x + residual, whose sum program 0 writes to new_residual_ptr ([M, K], contiguous).
-    norm_w_ptr, residual_ptr, new_residual_ptr, stride_rm, eps, NORM: tl.constexpr,
 ):
     # The K loop is software-pipelined num_stages deep (a launch option).
     # Program p computes out[:, p*BLOCK_N : (p+1)*BLOCK_N] as (W[rows] @ x^T)^T. Weight rows past N (the last
@@ -97,30 +90,6 @@ def _stream_linear_kernel(
     m_ok = rows_m < M
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]        # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows_m.to(tl.int64)[None, :] * stride_xm + ks[:, None]        # [BLOCK_K, BLOCK_M]
-    if NORM != 0:
-        # Every program first needs each row's rstd over the whole K: it reads x (and residual) once more, in
-        # BLOCK_K chunks (a few KiB a row, L2-resident, shared by all programs). Rows past M get a finite rstd
-        # (their x is zero) and are never stored.
-        if NORM == 2:
-            r_ptrs = residual_ptr + rows_m.to(tl.int64)[None, :] * stride_rm + ks[:, None]
-            new_r_ptrs = new_residual_ptr + rows_m.to(tl.int64)[None, :] * K + ks[:, None]
-            stores_m = rows_m < tl.where(tl.program_id(0) == 0, M, 0)  # m_ok in program 0, none elsewhere
-        sum_sq = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                mask = m_ok[None, :]
-            else:
-                mask = m_ok[None, :] & ((k0 + ks) < K)[:, None]
-            h = tl.load(x_ptrs + k0, mask=mask, other=0.0)
-            if NORM == 2:
-                # One rounding to the input dtype, as torch's `x + residual` (and cinfer.fused_add_rms_norm) does.
-                r = tl.load(r_ptrs + k0, mask=mask, other=0.0)
-                h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
-                # One writer (no races), a fresh tensor (no in-place update)
-                tl.store(new_r_ptrs + k0, h, mask=mask & stores_m[None, :])
-            hf = h.to(tl.float32)
-            sum_sq += hf * hf
-        rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)                          # [BLOCK_M], fp32
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
@@ -130,21 +99,6 @@ def _stream_linear_kernel(
             k_ok = (k0 + ks) < K
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
-        if NORM != 0:
-            # The chunk normalised with cinfer.rms_norm's roundings: the sum in x's dtype, fp32 statistics,
-            # (h * rstd) rounded to the dtype, then (weight * that) rounded to the dtype again.
-            if EVEN_K:
-                nw = tl.load(norm_w_ptr + k0 + ks)
-            else:
-                nw = tl.load(norm_w_ptr + k0 + ks, mask=k_ok, other=0.0)
-            if NORM == 2:
-                if EVEN_K:
-                    r = tl.load(r_ptrs + k0, mask=m_ok[None, :], other=0.0)
-                else:
-                    r = tl.load(r_ptrs + k0, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-            x = (x.to(tl.float32) * rstd[None, :]).to(x.dtype)
-            x = (nw.to(tl.float32)[:, None] * x.to(tl.float32)).to(x.dtype)
         if UPCAST_DOT:  # Triton's interpreter multiplies bf16 dot operands as raw bits (triton 3.9)
             acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
         elif FP32_IEEE:  # fp32 operands: full fp32 products, as F.linear (no tf32)
@@ -171,27 +125,6 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
             raise ValueError(f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
 
 
-def launch_stream_kernel(x2: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, config: LinearConfig, *,
-                         norm: int = 0, norm_weight: Tensor | None = None, eps: float = 0.0,
-                         residual: Tensor | None = None, new_residual: Tensor | None = None) -> None:
-    """Launch ``_stream_linear_kernel`` on checked operands: x2 [M, K] (M <= MAX_STREAM_ROWS, unit stride along K),
-    weight [N, K] (unit stride along K), out [M, N] (unit stride along N). ``norm`` 1 or 2 adds the norm prologue
-    (``cinfer_ops.norm_linear``): norm_weight [K] contiguous, residual [M, K] (unit stride along K, norm 2 only) and
-    new_residual [M, K] contiguous, written by the launch."""
-    m, k = x2.shape
-    n = weight.shape[0]
-    _stream_linear_kernel[(triton.cdiv(n, config.block_n),)](
-        x2, weight, bias if bias is not None else weight, out, m, n, k,
-        x2.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=k % config.block_k == 0, UPCAST_DOT=x2.dtype == torch.bfloat16 and x2.device.type != "cuda",
-        FP32_IEEE=x2.dtype == torch.float32,
-        norm_w_ptr=norm_weight, residual_ptr=residual, new_residual_ptr=new_residual,
-        stride_rm=residual.stride(0) if residual is not None else 0, eps=eps, NORM=norm,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-
-
 def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
                          config: LinearConfig | None = None) -> Tensor:
     """The streaming kernel for x: [..., K] with at most ``MAX_STREAM_ROWS`` rows, weight [N, K] (unit stride along
@@ -208,7 +141,15 @@ def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
         weight = weight.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
-        launch_stream_kernel(x2, weight, bias, out, config or DEFAULT_LINEAR_CONFIG)
+        config = config or DEFAULT_LINEAR_CONFIG
+        _stream_linear_kernel[(triton.cdiv(n, config.block_n),)](
+            x2, weight, bias if bias is not None else weight, out, m, n, k,
+            x2.stride(0), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            EVEN_K=k % config.block_k == 0, UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
+            FP32_IEEE=x.dtype == torch.float32,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
     return out.view(*x.shape[:-1], n)
 
 
@@ -219,20 +160,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return linear_reference(x, weight, bias).contiguous()
 
 
-def stream_config(x: Tensor, weight: Tensor) -> LinearConfig | None:
-    """The config with which the CUDA implementation streams ``x @ weight.T`` (x [..., K], weight [N, K]), or None
-    when it calls cuBLAS: too many rows, a shape mapped to None, fp32, or a weight not unit-stride along K."""
+@linear.register_kernel("cuda")
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     rows = x.numel() // max(x.shape[-1], 1)
     config = pick_linear_config(rows, *weight.shape) if weight.dim() == 2 else None
     if config is None or x.dtype not in _DTYPES or weight.stride(-1) != 1:
-        return None
-    return config
-
-
-@linear.register_kernel("cuda")
-def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    config = stream_config(x, weight)
-    if config is None:
         return linear_reference(x, weight, bias).contiguous()
     return linear_stream_triton(x, weight, bias, config=config)
 

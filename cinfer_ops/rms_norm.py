@@ -79,32 +79,24 @@ def _rows(t: Tensor) -> Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def check_norm_inputs(x: Tensor, residual: Tensor | None, weight: Tensor, weight_name: str = "weight") -> None:
-    """Raise ``ValueError`` naming the problem unless x is a float [..., hidden] (0 < hidden <= MAX_HIDDEN), weight
-    is [hidden] on x's device and residual (if given) has x's shape, dtype and device."""
-    hidden = x.shape[-1] if x.dim() else 0
+def _launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+            rows_per_program: int | None, num_warps: int | None) -> tuple[Tensor, Tensor | None]:
+    hidden = x.shape[-1]
     if weight.shape != (hidden,):
-        raise ValueError(f"{weight_name} must be [{hidden}] (x's last dim), got {tuple(weight.shape)}")
+        raise ValueError(f"weight must be [{hidden}] (x's last dim), got {tuple(weight.shape)}")
     if not 0 < hidden <= MAX_HIDDEN:
         raise ValueError(f"hidden size must be in 1..{MAX_HIDDEN}, got {hidden}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a float tensor, got {x.dtype}")
     if weight.device != x.device:
-        raise ValueError(f"{weight_name} is on {weight.device}, x on {x.device}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
-                                 or residual.device != x.device):
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} {residual.device} must match "
-                         f"x {tuple(x.shape)} {x.dtype} {x.device}")
-
-
-def _launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
-            rows_per_program: int | None, num_warps: int | None) -> tuple[Tensor, Tensor | None]:
-    check_norm_inputs(x, residual, weight)
-    hidden = x.shape[-1]
+        raise ValueError(f"weight is on {weight.device}, x on {x.device}")
     x2 = _rows(x)
     n_rows = x2.shape[0]
     out = torch.empty((n_rows, hidden), dtype=x.dtype, device=x.device)
     if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} {residual.device} must match "
+                             f"x {tuple(x.shape)} {x.dtype} {x.device}")
         r2 = _rows(residual)
         new_residual = torch.empty_like(out)
     else:

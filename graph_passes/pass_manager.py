@@ -12,9 +12,6 @@ Order (each pass is a plain ``GraphModule -> int`` function in its own module):
    (after 2, whose op then reads q/k/v as column slices of the fused output: it takes strided inputs)
 6. ``linear``              (``linear_pass.route_linears``)                 -- after 5, so fused projections are
    included; ``F.linear`` -> ``cinfer.linear`` (a streaming kernel for few-row steps on the GPU)
-7. ``norm_linear``         (``norm_linear_pass.fold_norms_into_linears``)  -- needs 3-6's ops; a norm whose output
-   feeds one bias-free ``cinfer.linear`` -> ``cinfer.rms_norm_linear`` / ``cinfer.fused_add_rms_norm_linear`` (one
-   launch for norm + projection at decode)
 
 For a paged graph the attention pass must rewrite exactly one site per layer, otherwise ``GraphRewriteError``
 names the model class, the pattern and why each candidate was rejected: there is no silent eager fallback.
@@ -30,14 +27,13 @@ from graph_passes.fuse_projections_pass import fuse_projections
 from graph_passes.fused_add_rms_norm_pass import fuse_add_rms_norm
 from graph_passes.fx_utils import is_op
 from graph_passes.linear_pass import route_linears
-from graph_passes.norm_linear_pass import fold_norms_into_linears
 from graph_passes.paged_inputs import PagedInputs
 from graph_passes.rms_norm_pass import fuse_rms_norm
 from graph_passes.rope_pass import fuse_rope_kv_cache_write
 
 logger = logging.getLogger(__name__)
 
-PASS_ORDER = ("attention", "rope", "rms_norm", "fused_add_rms_norm", "fuse_projections", "linear", "norm_linear")
+PASS_ORDER = ("attention", "rope", "rms_norm", "fused_add_rms_norm", "fuse_projections", "linear")
 
 
 def model_class_name(gm: fx.GraphModule) -> str:
@@ -93,7 +89,6 @@ def run_passes(gm: fx.GraphModule, example_inputs: list | None = None, *, num_la
     report["fused_add_rms_norm"] = fuse_add_rms_norm(gm)
     report["fuse_projections"] = fuse_projections(gm, example_inputs)
     report["linear"] = route_linears(gm)
-    report["norm_linear"] = fold_norms_into_linears(gm)
     gm.graph.lint()
     logger.info("%s: graph passes rewrote %s", model_name, ", ".join(f"{k}={v}" for k, v in report.items()))
     return report

@@ -1,6 +1,5 @@
-"""Registration of rms_norm, fused_add_rms_norm, rms_norm_linear, fused_add_rms_norm_linear and kv_cache_write:
-torch.library.opcheck (schema, fake kernel, mutation declarations, AOT dispatch) and tracing under
-torch.compile(fullgraph=True) as the graph passes use them."""
+"""Registration of rms_norm, fused_add_rms_norm and kv_cache_write: torch.library.opcheck (schema, fake kernel,
+mutation declarations, AOT dispatch) and tracing under torch.compile(fullgraph=True) as the graph passes use them."""
 import pytest
 import torch
 import torch._dynamo
@@ -56,19 +55,6 @@ def test_opcheck_fused_add_rms_norm(device, dtype):
     for x, weight in norm_samples(device, dtype):
         residual = torch.flip(x, dims=(-1,)) + 0.25
         torch.library.opcheck(torch.ops.cinfer.fused_add_rms_norm.default, (x, residual, weight, 1e-6))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", NORM_DTYPES)
-def test_opcheck_norm_linear(device, dtype):
-    gen = torch.Generator().manual_seed(1)
-    # 40 output features: a bf16 row on the GPU takes the streaming kernel with its norm prologue
-    weight = _rand(gen, 40, 96, dtype=dtype, device=device) / 10
-    for x, norm_weight in norm_samples(device, dtype):
-        torch.library.opcheck(torch.ops.cinfer.rms_norm_linear.default, (x, norm_weight, 1e-6, weight))
-        residual = torch.flip(x, dims=(-1,)) + 0.25
-        torch.library.opcheck(torch.ops.cinfer.fused_add_rms_norm_linear.default,
-                              (x, residual, norm_weight, 1e-6, weight))
 
 
 @pytest.mark.parametrize("device", DEVICES)
