@@ -29,7 +29,7 @@ import torch
 from torch import fx
 
 from graph_passes.errors import GraphRewriteError
-from graph_passes.fx_utils import arg, fake, is_dtype_cast, is_op, only_user, same_size, set_fake
+from graph_passes.fx_utils import arg, fake, finish_pass, is_dtype_cast, is_op, only_user, same_size, set_fake
 from graph_passes.paged_inputs import PagedInputs
 
 logger = logging.getLogger(__name__)
@@ -241,5 +241,5 @@ def rewrite_attention(gm: fx.GraphModule, rejected: list[str] | None = None) -> 
     paged.marker.replace_all_uses_with(paged.input_ids)
     gm.graph.erase_node(paged.marker)
     gm.graph.eliminate_dead_code()
-    gm.recompile()
+    finish_pass(gm, True)
     return count

@@ -40,6 +40,7 @@ shapes is slow (seconds for 32 layers), so it runs once per distinct user subgra
 a model has the same one). The other layers' aliasing users keep their trace-time fake values, whose strides are
 those of the unfused output: nothing downstream reads them (AOTAutograd re-traces the graph from its inputs).
 """
+import contextlib
 import itertools
 import logging
 import operator
@@ -51,7 +52,7 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import is_fake
 
-from graph_passes.fx_utils import arg, fake, is_op, is_parameter, op_name
+from graph_passes.fx_utils import arg, fake, fill_pending_fakes, finish_pass, is_op, is_parameter, op_name, uncached
 
 logger = logging.getLogger(__name__)
 
@@ -261,8 +262,11 @@ def _record(node: fx.Node, value, with_val: bool) -> None:
 
 def _propagate(node: fx.Node, fake_mode, with_val: bool) -> None:
     """Fill the fake value of a node the pass inserted. Under the Python dispatcher, as Dynamo traces: without it,
-    C++ composite kernels (``linear`` -> ``matmul`` in torch 2.11) call ``numel()`` on symbolic sizes and fail."""
-    with fake_mode, enable_python_dispatcher():
+    C++ composite kernels (``linear`` -> ``matmul`` in torch 2.11) call ``numel()`` on symbolic sizes and fail.
+    A linear keeps the fake-tensor cache (its decomposition's reshapes cost more afresh), a narrow or a copy skips
+    it (``fx_utils.uncached``)."""
+    with fake_mode, enable_python_dispatcher(), (
+            contextlib.nullcontext() if is_op(node, "linear") else uncached(fake_mode)):
         _record(node, _fake_result(node), with_val)
 
 
@@ -365,10 +369,39 @@ def _trace_time_inputs(example_inputs: list | None, nodes: list[fx.Node]) -> Non
         example_inputs[positions[node]] = node.meta["example_value"]
 
 
+def _linear_key(fused: fx.Node) -> tuple:
+    """What the fake value of ``linear(x, W, b)`` depends on: its operands' layouts (sizes and strides as printed,
+    so symbols by name) and the grad mode."""
+    def layout(t):
+        return None if t is None else (str(t.shape), str(t.stride()), str(t.storage_offset()), t.dtype, t.device,
+                                       t.requires_grad)
+    return tuple(layout(fake(a)) for a in fused.args) + (torch.is_grad_enabled(),)
+
+
+def _propagate_linear(fused: fx.Node, fake_mode, with_val: bool, outputs: dict[tuple, Tensor]) -> None:
+    """``_propagate`` for a fused linear, evaluated once per operand layout (``outputs``: the first result of each):
+    every layer's qkv (and gate/up) GEMM reads the same shapes, and ``linear`` on symbolic sizes (its ``matmul``
+    decomposition) costs several times what allocating its output does. A linear's output is a new tensor, not a
+    view, so the others get a fresh one of the first one's sizes and strides."""
+    key = _linear_key(fused)
+    first = outputs.get(key)
+    if first is None:
+        _propagate(fused, fake_mode, with_val)
+        value = fake(fused)
+        if value is not None and value.storage_offset() == 0 and not value._is_view():
+            outputs[key] = value
+        return
+    with fake_mode:
+        value = torch.empty_strided(first.shape, first.stride(), dtype=first.dtype, device=first.device,
+                                    requires_grad=first.requires_grad)
+    _record(fused, value, with_val)
+
+
 def _fuse(gm: fx.GraphModule, group: list[Projection], example_inputs: list | None,
-          verdicts: dict[tuple, bool]) -> int:
+          verdicts: dict[tuple, bool], linear_outputs: dict[tuple, Tensor]) -> int:
     """Rewrite one group; returns the number of ``.contiguous()`` copies its outputs needed. ``verdicts``: the
-    layout checks already made, by ``_signature`` (shared by the groups of one graph)."""
+    layout checks already made, by ``_signature``; ``linear_outputs``: ``_propagate_linear``'s (both shared by the
+    groups of one graph)."""
     graph = gm.graph
     first = group[0].node
     x = first.args[0]
@@ -393,7 +426,7 @@ def _fuse(gm: fx.GraphModule, group: list[Projection], example_inputs: list | No
         fused = graph.call_function(first.target, (x, weight_node, bias_node))
         fused.meta["nn_module_stack"] = _common_module_stack([p.node for p in group])
         fused.meta["stack_trace"] = first.meta.get("stack_trace")
-        _propagate(fused, fake_mode, with_val)
+        _propagate_linear(fused, fake_mode, with_val, linear_outputs)
         narrows = []
         start = 0
         for p in group:
@@ -460,14 +493,18 @@ def fuse_projections(gm: fx.GraphModule, example_inputs: list | None = None) -> 
     real parameters). Re-points the fused parameters' ``.data`` into the new constants, and replaces their entries
     in ``example_inputs`` (in place) by the fake values Dynamo traced them with: hand the inner compiler this list.
     The placeholders stay in the graph, unused; at run time they receive the re-pointed parameters."""
+    # Fake values earlier passes deferred: every node left now survives this pass, and the layout check below
+    # re-derives (and may restore) values of nodes that must already have them.
+    fill_pending_fakes(gm)
     values = _real_values(gm, example_inputs)
     uses = _uses(gm, values)
     groups = _groups(gm, values, uses)
     verdicts: dict[tuple, bool] = {}
-    copies = sum(_fuse(gm, group, example_inputs, verdicts) for group in groups)
+    linear_outputs: dict[tuple, Tensor] = {}
+    copies = sum(_fuse(gm, group, example_inputs, verdicts, linear_outputs) for group in groups)
     if groups:
         gm.graph.eliminate_dead_code()
-        gm.recompile()
         logger.debug("fuse_projections: %d groups (%s projections), %d outputs copied to contiguous", len(groups),
                      sum(len(g) for g in groups), copies)
+    finish_pass(gm, bool(groups))
     return len(groups)

@@ -11,7 +11,7 @@ import operator
 import torch
 from torch import fx
 
-from graph_passes.fx_utils import fake, is_op, same_shape, set_fake
+from graph_passes.fx_utils import fake, finish_pass, is_op, same_shape, set_fake
 
 logger = logging.getLogger(__name__)
 
@@ -56,5 +56,5 @@ def fuse_add_rms_norm(gm: fx.GraphModule) -> int:
         count += 1
     if count:
         gm.graph.eliminate_dead_code()
-        gm.recompile()
+    finish_pass(gm, count > 0)
     return count

@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import fx
 
-from graph_passes.fx_utils import arg, fake, is_op
+from graph_passes.fx_utils import arg, fake, finish_pass, is_op
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,5 @@ def route_linears(gm: fx.GraphModule) -> int:
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         count += 1
-    if count:
-        gm.recompile()
+    finish_pass(gm, count > 0)
     return count

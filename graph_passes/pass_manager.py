@@ -13,6 +13,9 @@ Order (each pass is a plain ``GraphModule -> int`` function in its own module):
 6. ``linear``              (``linear_pass.route_linears``)                 -- after 5, so fused projections are
    included; ``F.linear`` -> ``cinfer.linear`` (a streaming kernel for few-row steps on the GPU)
 
+The passes run inside ``fx_utils.passes_deferred``: the graph's code is regenerated once, after the last pass, and the
+fake values of the nodes they insert are computed when a later pass reads them, or after the last pass.
+
 For a paged graph the attention pass must rewrite exactly one site per layer, otherwise ``GraphRewriteError``
 names the model class, the pattern and why each candidate was rejected: there is no silent eager fallback.
 The RoPE pass is an optimisation: a layer whose RoPE does not match keeps its ``kv_cache_write`` (logged).
@@ -25,7 +28,7 @@ from graph_passes.attention_pass import PATTERN, rewrite_attention
 from graph_passes.errors import GraphRewriteError
 from graph_passes.fuse_projections_pass import fuse_projections
 from graph_passes.fused_add_rms_norm_pass import fuse_add_rms_norm
-from graph_passes.fx_utils import is_op
+from graph_passes.fx_utils import is_op, passes_deferred
 from graph_passes.linear_pass import route_linears
 from graph_passes.paged_inputs import PagedInputs
 from graph_passes.rms_norm_pass import fuse_rms_norm
@@ -62,33 +65,34 @@ def run_passes(gm: fx.GraphModule, example_inputs: list | None = None, *, num_la
     if num_layers is not None and not paged:
         raise GraphRewriteError(f"{model_name}: the graph has no paged inputs (bind_paged_inputs marker missing)")
 
-    if paged:
-        rejected: list[str] = []
-        report["attention"] = rewrite_attention(gm, rejected)
-        if report["attention"] != num_layers:
-            details = "; ".join(rejected) if rejected else (
-                "no scaled_dot_product_attention and no eager softmax attention in the graph")
-            raise GraphRewriteError(
-                f"{model_name}: the attention pass rewrote {report['attention']} of {num_layers} layers. "
-                f"Pattern not found: {PATTERN}. Candidates rejected: {details}")
-        leftover = [n.name for n in gm.graph.nodes if is_op(n, "sdpa")]
-        if leftover:
-            raise GraphRewriteError(f"{model_name}: scaled_dot_product_attention left after the attention pass: "
-                                    f"{leftover}")
-        rope_rejected: list[str] = []
-        report["rope"] = fuse_rope_kv_cache_write(gm, rope_rejected)
-        if rope_rejected:
-            logger.info("%s: RoPE fused with the cache write in %d of %d layers; the others keep HF's RoPE and "
-                        "kv_cache_write: %s", model_name, report["rope"], num_layers, "; ".join(rope_rejected))
-    else:
-        report["attention"] = report["rope"] = 0
-        logger.info("%s: no paged cache bound to this graph, so attention is left to SDPA / eager attention "
-                    "(only the norm and projection passes run)", model_name)
+    with passes_deferred(gm):
+        if paged:
+            rejected: list[str] = []
+            report["attention"] = rewrite_attention(gm, rejected)
+            if report["attention"] != num_layers:
+                details = "; ".join(rejected) if rejected else (
+                    "no scaled_dot_product_attention and no eager softmax attention in the graph")
+                raise GraphRewriteError(
+                    f"{model_name}: the attention pass rewrote {report['attention']} of {num_layers} layers. "
+                    f"Pattern not found: {PATTERN}. Candidates rejected: {details}")
+            leftover = [n.name for n in gm.graph.nodes if is_op(n, "sdpa")]
+            if leftover:
+                raise GraphRewriteError(f"{model_name}: scaled_dot_product_attention left after the attention pass: "
+                                        f"{leftover}")
+            rope_rejected: list[str] = []
+            report["rope"] = fuse_rope_kv_cache_write(gm, rope_rejected)
+            if rope_rejected:
+                logger.info("%s: RoPE fused with the cache write in %d of %d layers; the others keep HF's RoPE and "
+                            "kv_cache_write: %s", model_name, report["rope"], num_layers, "; ".join(rope_rejected))
+        else:
+            report["attention"] = report["rope"] = 0
+            logger.info("%s: no paged cache bound to this graph, so attention is left to SDPA / eager attention "
+                        "(only the norm and projection passes run)", model_name)
 
-    report["rms_norm"] = fuse_rms_norm(gm)
-    report["fused_add_rms_norm"] = fuse_add_rms_norm(gm)
-    report["fuse_projections"] = fuse_projections(gm, example_inputs)
-    report["linear"] = route_linears(gm)
+        report["rms_norm"] = fuse_rms_norm(gm)
+        report["fused_add_rms_norm"] = fuse_add_rms_norm(gm)
+        report["fuse_projections"] = fuse_projections(gm, example_inputs)
+        report["linear"] = route_linears(gm)
     gm.graph.lint()
     logger.info("%s: graph passes rewrote %s", model_name, ", ".join(f"{k}={v}" for k, v in report.items()))
     return report

@@ -14,7 +14,8 @@ import logging
 import torch
 from torch import fx
 
-from graph_passes.fx_utils import arg, fake, is_dtype_cast, is_op, is_parameter, same_shape, same_size, set_fake
+from graph_passes.fx_utils import (arg, fake, finish_pass, is_dtype_cast, is_op, is_parameter, same_shape, same_size,
+                                   set_fake)
 
 logger = logging.getLogger(__name__)
 
@@ -109,5 +110,5 @@ def fuse_rms_norm(gm: fx.GraphModule) -> int:
         count += 1
     if count:
         gm.graph.eliminate_dead_code()
-        gm.recompile()
+    finish_pass(gm, count > 0)
     return count

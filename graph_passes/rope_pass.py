@@ -30,7 +30,7 @@ import logging
 import torch
 from torch import fx
 
-from graph_passes.fx_utils import arg, fake, is_op, only_user, same_shape, same_size, set_fake
+from graph_passes.fx_utils import arg, fake, finish_pass, is_op, only_user, same_shape, same_size, set_fake
 
 logger = logging.getLogger(__name__)
 
@@ -227,5 +227,5 @@ def fuse_rope_kv_cache_write(gm: fx.GraphModule, rejected: list[str] | None = No
         count += 1
     if count:
         graph.eliminate_dead_code()
-        gm.recompile()
+    finish_pass(gm, count > 0)
     return count
