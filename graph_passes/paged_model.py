@@ -60,7 +60,7 @@ from torch import Tensor, fx
 
 import cinfer_ops  # noqa: F401  (registers torch.ops.cinfer.*)
 from graph_passes.attention_metadata import AttentionMetadata
-from graph_passes.backend import compile_inner, start_compile_workers
+from graph_passes.backend import compile_inner
 from graph_passes.errors import GraphRewriteError
 from graph_passes.fx_utils import op_counts
 from graph_passes.paged_inputs import bind_paged_inputs  # noqa: F401  (registers the marker op)
@@ -158,9 +158,6 @@ class PagedModel:
         self.ops_before = None
         self.ops_after = None
         self._step = torch.compile(_make_step(model), backend=self._backend, fullgraph=True)
-        # Inductor's compile workers take seconds to import torch: started before Dynamo traces (seconds), they are
-        # ready when Inductor compiles (or reloads from its caches) the graph's Triton kernels.
-        start_compile_workers(inner_backend, self.k_caches[0].device)
 
     def set_caches(self, k_caches: list[Tensor], v_caches: list[Tensor]) -> None:
         """Run over other caches from the next call on: one K and one V tensor per layer, contiguous, shaped like
