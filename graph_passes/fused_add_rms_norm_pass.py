@@ -29,6 +29,15 @@ def _plain_add(node) -> tuple[fx.Node, fx.Node] | None:
     return a, b
 
 
+def _nodes_between(first: fx.Node, last: fx.Node) -> set[fx.Node]:
+    """The nodes strictly between ``first`` and ``last`` in graph order (``last`` follows ``first``)."""
+    nodes, node = set(), first.next
+    while node is not last:
+        nodes.add(node)
+        node = node.next
+    return nodes
+
+
 def fuse_add_rms_norm(gm: fx.GraphModule) -> int:
     """Fold each residual add feeding a ``cinfer.rms_norm`` into ``cinfer.fused_add_rms_norm``; returns the count."""
     count = 0
@@ -40,7 +49,14 @@ def fuse_add_rms_norm(gm: fx.GraphModule) -> int:
         # HF writes `residual + hidden_states`; the op's `x` is the fresh value, `residual` the running sum.
         residual, x = operands
         _, weight, eps = norm.args
-        with gm.graph.inserting_after(add):
+        # The fused op replaces the sum too, so it must come before every user of the sum, and after its own
+        # inputs: the norm's weight may be defined between the add and the norm (a get_attr placed at its first
+        # use, as Dynamo does with install_free_tensors). Take the norm's place, unless the sum is used before it.
+        between = _nodes_between(add, norm)
+        if any(user in between for user in add.users):
+            logger.debug("fused_add_rms_norm: %s is used before %s, skipped", add.name, norm.name)
+            continue
+        with gm.graph.inserting_before(norm):
             fused = gm.graph.call_function(torch.ops.cinfer.fused_add_rms_norm.default, (x, residual, weight, eps))
         with gm.graph.inserting_after(fused):
             out = gm.graph.call_function(operator.getitem, (fused, 0))
@@ -51,7 +67,8 @@ def fuse_add_rms_norm(gm: fx.GraphModule) -> int:
             set_fake(node)
         norm.replace_all_uses_with(out)
         add.replace_all_uses_with(new_residual)
-        # `fused` itself reads `add`'s operands, not `add`, so the rewiring above cannot create a cycle.
+        # `fused` itself reads `add`'s operands, not `add`, so the rewiring above cannot create a cycle; every user
+        # of `add` follows the norm, hence `fused`.
         gm.graph.erase_node(norm)
         count += 1
     if count:

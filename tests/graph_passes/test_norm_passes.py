@@ -109,6 +109,36 @@ def test_fused_add_fires_on_same_shape_add():
     assert record["after"]["cinfer.fused_add_rms_norm.default"] == 1 and record["after"]["add"] == 0
 
 
+def test_fused_add_with_the_norm_weight_defined_after_the_add():
+    # With install_free_tensors Dynamo puts the norm weight's get_attr at its first use, between the add and the
+    # norm: the fused op must not be placed before it.
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(install_free_tensors=True):
+        record = _run_block(_Block(_llama_norm()), [fuse_rms_norm, fuse_add_rms_norm])
+    torch._dynamo.reset()
+    assert record["sites"] == [1, 1]
+    assert record["after"]["cinfer.fused_add_rms_norm.default"] == 1 and record["after"]["add"] == 0
+
+
+class _SumUsedFirst(torch.nn.Module):
+    """The residual sum has a user before the norm: the fused op (placed at the norm) cannot replace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = _llama_norm()
+
+    def forward(self, x, residual):
+        h = x + residual
+        doubled = h * 2
+        return self.norm(h), doubled
+
+
+def test_fused_add_skips_a_sum_used_before_the_norm():
+    record = _run_block(_SumUsedFirst(), [fuse_rms_norm, fuse_add_rms_norm])
+    assert record["sites"] == [1, 0]
+    assert record["after"]["cinfer.rms_norm.default"] == 1 and record["after"]["add"] == 1
+
+
 def test_fused_add_does_not_fire_on_broadcasting_add():
     record = _run_block(_Block(_llama_norm(), broadcast_residual=True), [fuse_rms_norm, fuse_add_rms_norm])
     assert record["sites"] == [1, 0]
