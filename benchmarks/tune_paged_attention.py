@@ -11,21 +11,16 @@ Prints one table per case and writes ``tune_paged_attention.json`` (all rows, th
 configuration per case) into ``--out``. Copy the winners into DECODE_CONFIGS / PREFILL_CONFIGS
 in cinfer_ops/paged_attention.py.
 
-Decode sweep (``--decode-sweep``, about 2 minutes on an H100 before the multi-head candidates were added): the
-split-KV kernel's tiling, launch knobs and structural variants (every DecodeConfig field) at the same three shapes.
-Each candidate is checked against the fp32 reference, then timed from CUDA-graph replays next to SDPA with
-enable_gqa over contiguous K/V of the same shape (also graph replays). Stage 1 times a fixed list
-(decode_sweep_candidates, then heads_sweep_candidates); stage 2 applies, per shape, the
+Decode sweep (``--decode-sweep``, about 2 minutes on an H100): the split-KV kernel's tiling, launch knobs and
+structural variants (every DecodeConfig field) at the same three shapes. Each candidate is checked against the
+fp32 reference, then timed from CUDA-graph replays next to SDPA with enable_gqa over contiguous K/V of the same
+shape (also graph replays). Stage 1 times a fixed list (decode_sweep_candidates); stage 2 applies, per shape, the
 launch knobs / grid orders / merges that beat their reference in stage 1 to that shape's best tilings; finally the
 fastest per shape, the best single configuration and the default are re-timed, interleaved with SDPA, with longer
 runs. Worker processes compile every candidate first (into Triton's on-disk cache), so compiling is not serial.
 
     PYTHONPATH=. python benchmarks/tune_paged_attention.py --decode-sweep --out results/tune
-    PYTHONPATH=. python benchmarks/tune_paged_attention.py --decode-sweep --only heads --out results/tune  # shorter
     PYTHONPATH=. python benchmarks/tune_paged_attention.py --decode-sweep --smoke --out /tmp/tune  # CPU, tiny shapes
-
-``--only heads``: stage 1 times only the multi-head kernel's candidates (DecodeConfig.heads_per_program > 1,
-heads_sweep_candidates) and the default (the baseline); stage 2 and the final re-timing as usual.
 
 Prints per-shape tables and a summary (ms, % of copy bandwidth over the K/V bytes, ratio to SDPA, best config per
 shape and the best single config over all three), and writes ``tune_decode_sweep.json`` into ``--out`` after each
@@ -232,7 +227,7 @@ KNOB_GROUPS = {  # stage 2 transplants each group as a unit
     "merge": ("merge", "direct_single_split"),
 }
 _SHORT = dict(partition_size="part", programs_per_sm="pps", min_partition="minp", max_splits="maxs",
-              grid_order="order", merge="merge", direct_single_split="direct", heads_per_program="heads")
+              grid_order="order", merge="merge", direct_single_split="direct")
 
 
 def label(cfg: DecodeConfig) -> str:
@@ -273,35 +268,6 @@ def decode_sweep_candidates() -> list[DecodeConfig]:
             for merge in ("group", "fused") for order in ("token", "split")]
     out += [dataclasses.replace(references[0], merge="fused"), dataclasses.replace(references[0], direct_single_split=True)]
     return list(dict.fromkeys(out))  # drop repeats, keep the order
-
-
-def heads_sweep_candidates() -> list[DecodeConfig]:
-    """22 configs of the multi-head kernel (heads_per_program 2, 4, 8), all with the default's split sizing, grid
-    order and merge unless named. Chosen from sm_90 compiles with triton 3.6 at the sweep's shapes (head_dim 128,
-    GQA 4; no GPU involved), not from timings: tilings that compile without spills and fit shared memory
-    (registers / KiB of shared memory, at b64 ctx4096; the default: 125 / 72):
-    - heads 2: bn16 w4 s2 128/24, bn32 w4 s2 190/40, bn64 w4 s2 228/72, bn32 w8 s2 188/40, bn64 w8 s2 207/72,
-      bn16 w4 s5 (K/V double-buffered) 150/40;
-    - heads 4: bn16 w4 s2 142/48, bn16 w8 s2 129/48, bn32 w4 s2 205/80, bn32 w8 s2 186/80, bn64 w8 s2 205/144,
-      bn16 w4 s5 206/80, bn16 w8 s5 190/80;
-    - heads 8 (8 warps: with 4 the accumulator spills, and the launcher lowers it to 4 heads): bn16 w8 s2 192/96,
-      bn32 w8 s2 203/160, bn16 w8 s5 208/160 (bn64 would need 288 KiB).
-    3 stages buffer no more than 2, so they are left out. Then, on heads 4 bn16 w4 s2 and heads 8 bn16 w8 s2,
-    knobs that stage 2 can transplant: twice the programs per SM with partitions down to 256 keys (batch 256 @ 512
-    would otherwise run 256 programs of 8 heads on 132 SMs), one block-table load per page, and the grid's splits
-    side by side.
-    """
-    def cfg(heads, block_n, num_warps, num_stages, **variant):
-        return dataclasses.replace(DECODE_CONFIGS[128], block_n=block_n, num_warps=num_warps, num_stages=num_stages,
-                                   heads_per_program=heads, **variant)
-
-    tilings = [(2, 16, 4, 2), (2, 32, 4, 2), (2, 64, 4, 2), (2, 32, 8, 2), (2, 64, 8, 2), (2, 16, 4, 5),
-               (4, 16, 4, 2), (4, 16, 8, 2), (4, 32, 4, 2), (4, 32, 8, 2), (4, 64, 8, 2), (4, 16, 4, 5), (4, 16, 8, 5),
-               (8, 16, 8, 2), (8, 32, 8, 2), (8, 16, 8, 5)]
-    out = [cfg(*t) for t in tilings]
-    for t in [(4, 16, 4, 2), (8, 16, 8, 2)]:
-        out += [cfg(*t, programs_per_sm=16, min_partition=256), cfg(*t, kv_gather="page"), cfg(*t, grid_order="split")]
-    return out
 
 
 def decode_inputs(shape: DecodeShape, dtype: torch.dtype, device: str, seed: int = 0, num_blocks: int | None = None):
@@ -550,11 +516,7 @@ def decode_sweep(opts):
     dtype = getattr(torch, opts.dtype)
     shapes = SMOKE_SHAPES if opts.smoke else SWEEP_SHAPES
     jobs = opts.jobs if opts.jobs is not None else (min(8, max(1, (os.cpu_count() or 2) - 2)) if DEVICE == "cuda" else 0)
-    if opts.only == "heads":  # the default first: the baseline, and stage 2's reference knobs
-        candidates = [DECODE_CONFIGS[128]] + heads_sweep_candidates()
-    else:
-        candidates = decode_sweep_candidates() + heads_sweep_candidates()
-    candidates = list(dict.fromkeys(candidates))
+    candidates = decode_sweep_candidates()
     if opts.limit:
         candidates = candidates[:opts.limit]
     if opts.smoke:  # partitions scaled to the tiny contexts, so that splits and their merges run too
@@ -672,9 +634,7 @@ def main():
     parser.add_argument("--out", required=True, help="directory for tune_paged_attention.json")
     parser.add_argument("--quick", action="store_true", help="a handful of configurations per case")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--only", choices=["decode", "prefill", "heads"],
-                        help="run one half of the sweep; with --decode-sweep: 'heads', only the multi-head kernel's "
-                             "candidates and the default")
+    parser.add_argument("--only", choices=["decode", "prefill"], help="run one half of the sweep")
     parser.add_argument("--decode-sweep", action="store_true", help="the split-KV kernel's knobs and variants")
     parser.add_argument("--smoke", action="store_true", help="decode sweep at tiny shapes (runs on CPU)")
     parser.add_argument("--jobs", type=int, help="decode sweep compile workers (default: 8 on a GPU, 0 on CPU)")
@@ -682,10 +642,6 @@ def main():
     parser.add_argument("--budget-s", type=float, default=420,
                         help="decode sweep: skip stage 2 / the final re-timing once this many seconds have passed")
     opts = parser.parse_args()
-    if opts.only == "heads" and not opts.decode_sweep:
-        parser.error("--only heads goes with --decode-sweep")
-    if opts.decode_sweep and opts.only not in (None, "heads"):
-        parser.error(f"--decode-sweep takes --only heads or no --only, not --only {opts.only}")
     if opts.decode_sweep:
         decode_sweep(opts)
         return

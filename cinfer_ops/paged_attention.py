@@ -88,13 +88,6 @@ class DecodeConfig:
       whose context fits one split writes its output directly.
     - ``direct_single_split``: with the "head"/"group" merges, a token whose context fits one split writes its
       output directly and the merge skips it ("fused" always does).
-    - ``heads_per_program``: kv heads per program, a power of two. 1: one program per (token, kv head, split), the
-      original kernel. More: one program per (token, group of that many kv heads, split) (_decode_heads_kernel),
-      which reads each key's rows of all the group's kv heads together (with all kv heads, whole pages, contiguous
-      in the cache) and multiplies them with batched (3-D) dots; ``programs_per_sm`` then counts these larger
-      programs, and the fused merge merges a whole group. The launcher lowers it to a power of two that divides
-      num_kv_heads and fits register and shared-memory budgets, and to 1 for head_dim above 128 (see
-      _heads_per_program).
     """
     block_n: int
     num_warps: int
@@ -107,13 +100,10 @@ class DecodeConfig:
     grid_order: str = "token"
     merge: str = "head"
     direct_single_split: bool = False
-    heads_per_program: int = 1
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
-        if self.heads_per_program < 1 or self.heads_per_program & (self.heads_per_program - 1):
-            raise ValueError(f"heads_per_program must be a power of two >= 1, got {self.heads_per_program}")
         if self.partition_size is not None and self.partition_size < 1:
             raise ValueError(f"partition_size must be positive or None, got {self.partition_size}")
         for name in ("programs_per_sm", "min_partition", "max_splits"):
@@ -156,18 +146,6 @@ _SEARCH_CHUNK = 128
 _SPLIT_CHUNK = 16
 # Elements of the [query heads, splits, head_dim] tile the group merges read per step (sets the splits per step).
 _MERGE_TILE_ELEMENTS = 8192
-# The multi-head decode kernel's register budget (see _heads_per_program): at most _HEADS_ACC_PER_THREAD fp32
-# accumulator elements per thread ([heads, G_PAD, D_PAD] over 32 * num_warps threads), head_dim padded to at most
-# _HEADS_MAX_D_PAD. From sm_90 compiles with triton 3.6 (ptxas register and spill counts, no GPU involved): 64 per
-# thread compiles without spills at head_dim 128 (heads 4 with 4 warps: 144 registers at block_n 16, heads 8 with 8
-# warps: 192), 128 per thread spills; head_dim 256 spills already at 64 per thread (2 heads, 4 warps).
-_HEADS_ACC_PER_THREAD = 64
-_HEADS_MAX_D_PAD = 128
-# Its shared memory, estimated as those compiles allocate it (K and V tiles per pipeline buffer, q, and in fp32 a
-# scratch tile: within 512 bytes for 64 configs checked in 16- and 32-bit types), must fit this: 160 KiB, within
-# an H100's 227 (8 heads x block_n 16 in fp32 would take 256 KiB). fp32 (CUDA-core dots) also spills registers at
-# head_dim 128, which costs speed, not correctness; its decode speed is not a target.
-_HEADS_MAX_SHARED = 160 * 1024
 # Caches with at least this many elements are addressed with 64-bit offsets (a module constant so tests can lower it).
 _INT32_OFFSET_LIMIT = 2**31
 # Kernel variants: every constexpr and launch option below comes from the model's shapes, the cache and the config;
@@ -195,13 +173,21 @@ def _count_le(qsl_ptr, x, k_lo, k_hi, DIV: tl.constexpr, ADD_INDEX: tl.constexpr
 
 
 @triton.jit
-def _kv_rows(block_table_ptr, n0, kv_stop, stride_cb, stride_cs, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-             MASK_KV: tl.constexpr, INT64_OFFSETS: tl.constexpr, KV_GATHER: tl.constexpr):
-    # The keys [n0, n0 + BLOCK_N) of a tile, which of them lie below kv_stop, and each key's cache offset (its page
-    # through the block table, its slot in the page; kv head 0). MASK_KV: block-table entries of keys at or past
-    # kv_stop are not read. KV_GATHER (DecodeConfig.kv_gather): 0 one block-table load per key; 1 one per page,
-    # broadcast to its keys.
+def _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, n0, kv_stop,
+                  row_limit, qk_scale, stride_cb, stride_cs,
+                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                  MASK_KV: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                  INT64_OFFSETS: tl.constexpr, KV_GATHER: tl.constexpr):
+    # One online-softmax step of the rows of q over keys [n0, n0 + BLOCK_N), gathered through the block table.
+    # n0 is a multiple of BLOCK_N and below kv_stop. MASK_KV: keys at or past kv_stop are neither loaded (their
+    # block-table entries and slots may be garbage or NaN) nor scored. CAUSAL: row r also scores only keys
+    # <= row_limit[r]. Scores are in log2 units.
+    # UPCAST_DOT: feed the dots fp32 copies of 16-bit operands (exact products, so the same arithmetic); Triton's
+    # interpreter multiplies bf16 dot operands as raw bits (seen with triton 3.9). INT64_OFFSETS: cache offsets
+    # need 64 bits; 32-bit address arithmetic is cheaper in the hot loop when the cache is small enough.
+    # KV_GATHER (DecodeConfig.kv_gather): 0 one block-table load per key; 1 one per page, broadcast to its keys.
     offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
     kv_ok = offs_n < kv_stop
     if KV_GATHER == 0:
         if MASK_KV:
@@ -219,28 +205,7 @@ def _kv_rows(block_table_ptr, n0, kv_stop, stride_cb, stride_cs, BLOCK_N: tl.con
         block = tl.load(block_table_ptr + n0 // BLOCK_SIZE)  # the whole tile lies in one page
     if INT64_OFFSETS:
         block = block.to(tl.int64)
-    rows = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs
-    return offs_n, kv_ok, rows
-
-
-@triton.jit
-def _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, n0, kv_stop,
-                  row_limit, qk_scale, stride_cb, stride_cs,
-                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                  MASK_KV: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                  INT64_OFFSETS: tl.constexpr, KV_GATHER: tl.constexpr):
-    # One online-softmax step of the rows of q over keys [n0, n0 + BLOCK_N), gathered through the block table.
-    # n0 is a multiple of BLOCK_N and below kv_stop. MASK_KV: keys at or past kv_stop are neither loaded (their
-    # block-table entries and slots may be garbage or NaN) nor scored. CAUSAL: row r also scores only keys
-    # <= row_limit[r]. Scores are in log2 units.
-    # UPCAST_DOT: feed the dots fp32 copies of 16-bit operands (exact products, so the same arithmetic); Triton's
-    # interpreter multiplies bf16 dot operands as raw bits (seen with triton 3.9). INT64_OFFSETS: cache offsets
-    # need 64 bits; 32-bit address arithmetic is cheaper in the hot loop when the cache is small enough.
-    # KV_GATHER: see _kv_rows.
-    offs_n, kv_ok, rows = _kv_rows(block_table_ptr, n0, kv_stop, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, MASK_KV,
-                                   INT64_OFFSETS, KV_GATHER)
-    rows += kv_head_offset
-    offs_d = tl.arange(0, D_PAD)
+    rows = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head_offset
     offsets = rows[:, None] + offs_d[None, :]
     if MASK_KV or D_PAD != HEAD_DIM:
         mask = kv_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -317,48 +282,6 @@ def _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_splits
              o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _decode_program(num_tokens, num_units, num_splits, GRID_ORDER: tl.constexpr):
-    # This program's (token, unit, split) of a decode grid over num_units head units (kv heads, or groups of them).
-    # GRID_ORDER (DecodeConfig.grid_order): token (0, a 3-D grid), unit (1) or split (2) is the fastest axis of a
-    # 1-D grid.
-    if GRID_ORDER == 0:
-        token = tl.program_id(0)
-        unit = tl.program_id(1)
-        split = tl.program_id(2)
-    elif GRID_ORDER == 1:
-        pid = tl.program_id(0)
-        unit = pid % num_units
-        token = (pid // num_units) % num_tokens
-        split = pid // (num_units * num_tokens)
-    else:
-        pid = tl.program_id(0)
-        split = pid % num_splits
-        unit = (pid // num_splits) % num_units
-        token = pid // (num_splits * num_units)
-    return token, unit, split
-
-
-@triton.jit
-def _decode_context(token, batch, query_start_loc_ptr, seq_lens_ptr, SEARCH_CHUNK: tl.constexpr):
-    # The sequence that owns query token `token` (batch for a padding token past query_start_loc[-1]) and the
-    # number of context keys the token sees (0 for a padding token).
-    # Decode steps have token == sequence: try that first, with independent loads, and search only if it is wrong
-    # (saves a dependent global-memory round trip before the first K/V load).
-    q_start = tl.load(query_start_loc_ptr + token, mask=token < batch, other=0)
-    q_end = tl.load(query_start_loc_ptr + token + 1, mask=token < batch, other=0)
-    ctx = tl.load(seq_lens_ptr + token, mask=token < batch, other=0)
-    seq = token
-    if (token < q_start) | (token >= q_end):
-        seq = _count_le(query_start_loc_ptr, token, 1, batch + 1, 1, False, SEARCH_CHUNK)
-        q_start = tl.load(query_start_loc_ptr + seq, mask=seq < batch, other=0)
-        q_end = tl.load(query_start_loc_ptr + seq + 1, mask=seq < batch, other=0)
-        ctx = tl.load(seq_lens_ptr + seq, mask=seq < batch, other=0)
-    real = seq < batch  # tokens past query_start_loc[-1] are CUDA-graph padding
-    kv_len = tl.where(real, ctx - (q_end - q_start) + (token - q_start) + 1, 0)
-    return seq, kv_len
-
-
 @triton.jit(do_not_specialize=["batch", "num_tokens", "num_splits"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -377,10 +300,35 @@ def _decode_kernel(
     # correct for every query_start_loc; the launcher uses it when num_tokens == batch.
     # SPLIT: there are several splits; each writes a normalised partial output and its log2-sum-exp, merged by a
     # second kernel or (MERGE == 2) by the last split to finish. DIRECT: a token whose context fits one split
-    # writes its output directly (split 1 is then empty, which the merge kernels check). GRID_ORDER: see
-    # _decode_program.
-    token, kv_head, split = _decode_program(num_tokens, num_kv_heads, num_splits, GRID_ORDER)
-    seq, kv_len = _decode_context(token, batch, query_start_loc_ptr, seq_lens_ptr, SEARCH_CHUNK)
+    # writes its output directly (split 1 is then empty, which the merge kernels check). GRID_ORDER: which of
+    # token (0, a 3-D grid), kv head (1) or split (2) is the fastest axis of a 1-D grid.
+    if GRID_ORDER == 0:
+        token = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+    elif GRID_ORDER == 1:
+        pid = tl.program_id(0)
+        kv_head = pid % num_kv_heads
+        token = (pid // num_kv_heads) % num_tokens
+        split = pid // (num_kv_heads * num_tokens)
+    else:
+        pid = tl.program_id(0)
+        split = pid % num_splits
+        kv_head = (pid // num_splits) % num_kv_heads
+        token = pid // (num_splits * num_kv_heads)
+    # Decode steps have token == sequence: try that first, with independent loads, and search only if it is wrong
+    # (saves a dependent global-memory round trip before the first K/V load).
+    q_start = tl.load(query_start_loc_ptr + token, mask=token < batch, other=0)
+    q_end = tl.load(query_start_loc_ptr + token + 1, mask=token < batch, other=0)
+    ctx = tl.load(seq_lens_ptr + token, mask=token < batch, other=0)
+    seq = token
+    if (token < q_start) | (token >= q_end):
+        seq = _count_le(query_start_loc_ptr, token, 1, batch + 1, 1, False, SEARCH_CHUNK)
+        q_start = tl.load(query_start_loc_ptr + seq, mask=seq < batch, other=0)
+        q_end = tl.load(query_start_loc_ptr + seq + 1, mask=seq < batch, other=0)
+        ctx = tl.load(seq_lens_ptr + seq, mask=seq < batch, other=0)
+    real = seq < batch  # tokens past query_start_loc[-1] are CUDA-graph padding
+    kv_len = tl.where(real, ctx - (q_end - q_start) + (token - q_start) + 1, 0)
     kv_start = split * partition_size
     kv_stop = tl.minimum(kv_start + partition_size, kv_len)
     n_active = tl.minimum((kv_len + partition_size - 1) // partition_size, num_splits)  # splits that see a key
@@ -452,145 +400,6 @@ def _decode_kernel(
                     tl.store(part_lse_ptr + part_row, tl.full([G_PAD], float("-inf"), tl.float32), mask=row_ok)
             else:  # a neutral partial result
                 tl.store(part_lse_ptr + part_row, tl.full([G_PAD], float("-inf"), tl.float32), mask=row_ok)
-        else:
-            tl.store(out_rows, zeros, mask=io_mask)
-
-
-@triton.jit
-def _attend_heads_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, head_offsets, n0, kv_stop,
-                        qk_scale, stride_cb, stride_cs,
-                        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                        MASK_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                        INT64_OFFSETS: tl.constexpr, KV_GATHER: tl.constexpr):
-    # _attend_block (without CAUSAL) for HEADS kv heads at once: q [HEADS, G_PAD, D_PAD] (the query rows of each
-    # kv head), m_i/l_i [HEADS, G_PAD], acc [HEADS, G_PAD, D_PAD]; the K/V tiles are [HEADS, BLOCK_N, D_PAD], read
-    # for all HEADS kv heads of each key (head_offsets [HEADS]: each kv head's cache offset): with HEADS ==
-    # num_kv_heads, whole pages. Both products are batched over the kv heads (3-D dots), so no head's query rows
-    # meet another head's keys.
-    offs_n, kv_ok, rows = _kv_rows(block_table_ptr, n0, kv_stop, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, MASK_KV,
-                                   INT64_OFFSETS, KV_GATHER)
-    offs_d = tl.arange(0, D_PAD)
-    offsets = head_offsets[:, None, None] + rows[None, :, None] + offs_d[None, None, :]
-    if MASK_KV or D_PAD != HEAD_DIM:
-        mask = kv_ok[None, :, None] & (offs_d < HEAD_DIM)[None, None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=mask, other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=mask, other=0.0)
-    else:
-        k = tl.load(k_cache_ptr + offsets)
-        v = tl.load(v_cache_ptr + offsets)
-    if UPCAST_DOT:
-        s = tl.dot(q.to(tl.float32), tl.permute(k.to(tl.float32), (0, 2, 1)), input_precision="ieee") * qk_scale
-    else:
-        s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT_PRECISION) * qk_scale
-    if MASK_KV:
-        s = tl.where(kv_ok[None, None, :], s, float("-inf"))
-    # Every tile holds a key below kv_stop, so every row's max is finite from the first tile on: no -inf - -inf.
-    m_new = tl.maximum(m_i, tl.max(s, 2))
-    p = tl.exp2(s - m_new[:, :, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 2)
-    acc = acc * alpha[:, :, None]
-    p = p.to(v.dtype)
-    if UPCAST_DOT:
-        acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit(do_not_specialize=["batch", "num_tokens", "num_splits"])
-def _decode_heads_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, merge_count_ptr,
-    qk_scale, batch, num_tokens, num_kv_heads, num_heads, num_splits, partition_size,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
-    HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, GM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_CHUNK: tl.constexpr,
-    SPLIT: tl.constexpr, GRID_ORDER: tl.constexpr, KV_GATHER: tl.constexpr, MERGE: tl.constexpr,
-    DIRECT: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INT64_OFFSETS: tl.constexpr,
-):
-    # _decode_kernel with HEADS kv heads per program (DecodeConfig.heads_per_program > 1): program (token, head
-    # group, split), kv heads [head_group * HEADS, + HEADS). Each K/V tile is read for all of them at once, and
-    # their query rows are [HEADS, G_PAD, D_PAD] tiles (see _attend_heads_block). Splits, partial results, DIRECT
-    # and the merges as in _decode_kernel; the fused merge (MERGE == 2) counts the group's splits on the counter of
-    # its first kv head, and the last split to finish merges every query head of the group (GM_PAD: their number,
-    # HEADS * GROUP, padded).
-    num_groups = num_kv_heads // HEADS
-    token, head_group, split = _decode_program(num_tokens, num_groups, num_splits, GRID_ORDER)
-    seq, kv_len = _decode_context(token, batch, query_start_loc_ptr, seq_lens_ptr, SEARCH_CHUNK)
-    kv_start = split * partition_size
-    kv_stop = tl.minimum(kv_start + partition_size, kv_len)
-    n_active = tl.minimum((kv_len + partition_size - 1) // partition_size, num_splits)  # splits that see a key
-
-    offs_h = tl.arange(0, HEADS)
-    offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, D_PAD)
-    kv_heads = head_group * HEADS + offs_h  # [HEADS]
-    heads = kv_heads[:, None] * GROUP + offs_g[None, :]  # [HEADS, G_PAD] query heads
-    row_ok = (offs_h[:, None] < HEADS) & (offs_g < GROUP)[None, :]
-    io_mask = row_ok[:, :, None] & (offs_d < HEAD_DIM)[None, None, :]
-    token64 = token.to(tl.int64)
-    out_rows = out_ptr + token64 * stride_ot + heads[:, :, None] * stride_oh + offs_d[None, None, :]
-    part_row = (token64 * num_heads + heads) * num_splits + split  # [HEADS, G_PAD] rows of the partial buffers
-    if kv_start < kv_len:
-        q = tl.load(q_ptr + token64 * stride_qt + heads[:, :, None] * stride_qh + offs_d[None, None, :], mask=io_mask,
-                    other=0.0)
-        block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-        if INT64_OFFSETS:
-            head_offsets = kv_heads.to(tl.int64) * stride_ch
-        else:
-            head_offsets = kv_heads * stride_ch
-        m_i = tl.full([HEADS, G_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([HEADS, G_PAD], tl.float32)
-        acc = tl.zeros([HEADS, G_PAD, D_PAD], tl.float32)
-        full_stop = kv_start + (kv_stop - kv_start) // BLOCK_N * BLOCK_N
-        for n0 in range(kv_start, full_stop, BLOCK_N):
-            m_i, l_i, acc = _attend_heads_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr,
-                                                head_offsets, n0, kv_stop, qk_scale, stride_cb, stride_cs,
-                                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, DOT_PRECISION, UPCAST_DOT,
-                                                INT64_OFFSETS, KV_GATHER)
-        for n0 in range(full_stop, kv_stop, BLOCK_N):  # the ragged last tile, if any
-            m_i, l_i, acc = _attend_heads_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr,
-                                                head_offsets, n0, kv_stop, qk_scale, stride_cb, stride_cs,
-                                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, DOT_PRECISION, UPCAST_DOT,
-                                                INT64_OFFSETS, KV_GATHER)
-        # kv_start < kv_len: every row scored at least one key, so l_i > 0.
-        o = acc / l_i[:, :, None]
-        if SPLIT:
-            direct = False
-            if DIRECT:
-                direct = n_active == 1
-            if direct:
-                tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=io_mask)
-            else:
-                tl.store(part_out_ptr + part_row[:, :, None] * HEAD_DIM + offs_d[None, None, :], o, mask=io_mask)
-                tl.store(part_lse_ptr + part_row, m_i + tl.log2(l_i), mask=row_ok)
-                if MERGE == 2:
-                    # As in _decode_kernel, for the whole group: its query heads are the HEADS * GROUP consecutive
-                    # heads from head_group * HEADS * GROUP on, so _merge_group merges them as one "kv head" of
-                    # HEADS * GROUP query heads.
-                    tl.debug_barrier()
-                    count_ptr = merge_count_ptr + token64 * num_kv_heads + head_group * HEADS
-                    done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-                    if done == n_active - 1:
-                        _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, head_group, n_active, num_heads,
-                                     num_splits, stride_ot, stride_oh, HEADS * GROUP, GM_PAD, HEAD_DIM, D_PAD,
-                                     MERGE_CHUNK, True)
-                        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
-        else:
-            tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=io_mask)
-    else:
-        # Nothing visible in this split (past the context, or a padding token).
-        zeros = tl.zeros([HEADS, G_PAD, D_PAD], tl.float32).to(out_ptr.dtype.element_ty)
-        if SPLIT:
-            if DIRECT:
-                if split == 0:  # an empty context: the output is 0 (finite), and the merge skips the token
-                    tl.store(out_rows, zeros, mask=io_mask)
-                elif MERGE != 2:
-                    tl.store(part_lse_ptr + part_row, tl.full([HEADS, G_PAD], float("-inf"), tl.float32), mask=row_ok)
-            else:  # a neutral partial result
-                tl.store(part_lse_ptr + part_row, tl.full([HEADS, G_PAD], float("-inf"), tl.float32), mask=row_ok)
         else:
             tl.store(out_rows, zeros, mask=io_mask)
 
@@ -762,28 +571,6 @@ def _merge_counter(size: int, device: torch.device) -> Tensor:
     return buffers[-1]
 
 
-def _heads_per_program(cfg: DecodeConfig, kv_heads: int, group: int, d_pad: int, elem_size: int) -> int:
-    """The kv heads per decode program: cfg.heads_per_program, halved until it divides kv_heads, the
-    [heads, G_PAD, D_PAD] fp32 accumulator has at most _HEADS_ACC_PER_THREAD elements per thread and the shared
-    memory estimate fits _HEADS_MAX_SHARED; 1 (the original kernel) for head_dim above _HEADS_MAX_D_PAD."""
-    if d_pad > _HEADS_MAX_D_PAD:
-        return 1
-    heads = cfg.heads_per_program
-    g_pad = max(triton.next_power_of_2(group), 16)
-    acc_limit = _HEADS_ACC_PER_THREAD * 32 * cfg.num_warps
-    buffers = max(1, (cfg.num_stages - 1) // 2)  # K/V tile buffers the pipeliner allocates
-
-    def shared(h):  # K and V tiles per buffer, and q
-        tiles = 2 * h * cfg.block_n * buffers + h * g_pad
-        if elem_size == 4:  # fp32 dots run on CUDA cores (ieee): one more [h, block_n, D_PAD] tile converts operands
-            tiles += h * cfg.block_n
-        return tiles * d_pad * elem_size
-
-    while heads > 1 and (kv_heads % heads or heads * g_pad * d_pad > acc_limit or shared(heads) > _HEADS_MAX_SHARED):
-        heads //= 2
-    return heads
-
-
 def _merge_chunk(gm_pad: int, d_pad: int) -> int:
     """Splits per step of the group merges: a [gm_pad, chunk, d_pad] fp32 tile of about _MERGE_TILE_ELEMENTS."""
     chunk = max(2, _MERGE_TILE_ELEMENTS // (gm_pad * d_pad))
@@ -799,9 +586,7 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
     group = num_heads // kv_heads
     d_pad = max(triton.next_power_of_2(head_dim), 16)
     max_context = block_tables.shape[1] * block_size
-    heads = _heads_per_program(cfg, kv_heads, group, d_pad, query.element_size())
-    head_units = kv_heads // heads  # the grid's head axis: kv heads, or groups of them
-    partition = _decode_partition(batch * head_units, max_context, cfg, _num_sms(query.device))
+    partition = _decode_partition(batch * kv_heads, max_context, cfg, _num_sms(query.device))
     num_splits = triton.cdiv(max_context, partition)
     split = num_splits > 1
     fused = cfg.merge == "fused"
@@ -813,36 +598,21 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
         if fused:
             merge_count = _merge_counter(num_tokens * kv_heads, query.device)
     if cfg.grid_order == "token":
-        grid = (num_tokens, head_units, num_splits)
+        grid = (num_tokens, kv_heads, num_splits)
     else:
-        grid = (num_tokens * head_units * num_splits,)
-    if heads > 1:
-        group_pad = max(triton.next_power_of_2(heads * group), 2)  # the fused merge's query heads per program
-        _decode_heads_kernel[grid](
-            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, merge_count,
-            qk_scale, batch, num_tokens, kv_heads, num_heads, num_splits, partition,
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-            HEADS=heads, GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), GM_PAD=group_pad,
-            HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, SPLIT=split,
-            GRID_ORDER=GRID_ORDERS.index(cfg.grid_order), KV_GATHER=KV_GATHERS.index(cfg.kv_gather),
-            MERGE=MERGES.index(cfg.merge), DIRECT=cfg.direct_single_split or fused,
-            MERGE_CHUNK=_merge_chunk(group_pad, d_pad),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kernel_flags,
-        )
-    else:
-        _decode_kernel[grid](
-            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, merge_count,
-            qk_scale, batch, num_tokens, kv_heads, num_heads, num_splits, partition,
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-            GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), GM_PAD=gm_pad, HEAD_DIM=head_dim, D_PAD=d_pad,
-            BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, SPLIT=split,
-            GRID_ORDER=GRID_ORDERS.index(cfg.grid_order), KV_GATHER=KV_GATHERS.index(cfg.kv_gather),
-            MERGE=MERGES.index(cfg.merge), DIRECT=cfg.direct_single_split or fused,
-            MERGE_CHUNK=_merge_chunk(gm_pad, d_pad),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kernel_flags,
-        )
+        grid = (num_tokens * kv_heads * num_splits,)
+    _decode_kernel[grid](
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, merge_count,
+        qk_scale, batch, num_tokens, kv_heads, num_heads, num_splits, partition,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), GM_PAD=gm_pad, HEAD_DIM=head_dim, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, SPLIT=split,
+        GRID_ORDER=GRID_ORDERS.index(cfg.grid_order), KV_GATHER=KV_GATHERS.index(cfg.kv_gather),
+        MERGE=MERGES.index(cfg.merge), DIRECT=cfg.direct_single_split or fused,
+        MERGE_CHUNK=_merge_chunk(gm_pad, d_pad),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kernel_flags,
+    )
     if split and cfg.merge == "head":
         _merge_splits_kernel[(num_tokens, num_heads)](
             part_out, part_lse, out, num_heads, num_splits, out.stride(0), out.stride(1),

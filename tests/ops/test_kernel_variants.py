@@ -14,7 +14,7 @@ import triton
 
 import cinfer_ops
 from cinfer_ops.kv_cache_write import kv_cache_write_triton
-from cinfer_ops.paged_attention import DecodeConfig, paged_attention_triton
+from cinfer_ops.paged_attention import paged_attention_triton
 from cinfer_ops.rms_norm import fused_add_rms_norm_triton, rms_norm_triton
 from cinfer_runtime.cuda_graphs import decode_buckets, prefill_buckets
 from cinfer_runtime.model_runner import warm_up_steps
@@ -22,9 +22,6 @@ from tests.kernel_keys import Recorder
 
 OP_MODULES = [importlib.import_module(f"cinfer_ops.{name}")
               for name in ("paged_attention", "rms_norm", "kv_cache_write")]
-# Decode configs with several kv heads per program (the multi-head kernel), as the default if tuning picks one.
-MULTI_HEAD_DECODE = [DecodeConfig(16, 8, 2, heads_per_program=heads, programs_per_sm=8, grid_order="head",
-                                  merge="fused") for heads in (2, 8)]
 
 
 @pytest.fixture
@@ -103,21 +100,6 @@ def test_decode_steps_compile_one_variant_per_side_of_the_split_threshold(record
         assert len({keys[name] for keys in per_batch.values()}) == 1, name
 
 
-@pytest.mark.parametrize("cfg", MULTI_HEAD_DECODE, ids=lambda c: f"heads{c.heads_per_program}")
-def test_multi_head_decode_steps_compile_one_variant_per_side_of_the_split_threshold(recorders, monkeypatch, cfg):
-    # The same with a multi-head decode config as the default: only the multi-head kernel runs (8 kv heads, so
-    # heads_per_program is not lowered), its keys follow the batch only through SPLIT, and that flips once.
-    monkeypatch.setitem(OP_MODULES[0].DECODE_CONFIGS, 128, cfg)
-    layer = Layer(max_batch=256, max_num_tokens=256, max_model_len=4096)
-    per_batch = {b: keys_of(recorders, lambda: layer.step([1] * b)) for b in SIZES}
-    assert all("_decode_kernel" not in keys for keys in per_batch.values())
-    decode = {b: keys["_decode_heads_kernel"] for b, keys in per_batch.items()}
-    assert len(set(decode.values())) == 2
-    assert ("HEADS", "constexpr", cfg.heads_per_program) in next(iter(decode[1]))
-    split = [b for b in SIZES if decode[b] == decode[1]]
-    assert split == SIZES[:len(split)] and 1 < len(split) < len(SIZES)
-
-
 def test_prefill_steps_compile_one_attention_variant(recorders):
     layer = Layer(max_batch=256, max_num_tokens=5000, max_model_len=8192)
     keys = set()
@@ -140,7 +122,6 @@ def test_token_count_variants_change_only_at_their_threshold(recorders, kernel, 
     assert all(keys == (few if n < threshold else many) for n, keys in per_count.items())
 
 
-@pytest.mark.parametrize("decode_config", [None] + MULTI_HEAD_DECODE[1:], ids=["default", "heads8"])
 @pytest.mark.parametrize("max_num_seqs,max_num_batched_tokens,max_model_len,graphs", [
     (256, 8192, 8192, True),    # the defaults, CUDA graphs
     (256, 8192, 8192, False),   # eager decode
@@ -148,14 +129,11 @@ def test_token_count_variants_change_only_at_their_threshold(recorders, kernel, 
     (8, 2048, 300, False),      # short sequences: the warm-up's large step needs several of them
     (3, 600, 200, False),       # the largest step (3 sequences of 200) stays below the thresholds
 ])
-def test_warm_up_steps_reach_every_serving_variant(recorders, monkeypatch, max_num_seqs, max_num_batched_tokens,
-                                                   max_model_len, graphs, decode_config):
+def test_warm_up_steps_reach_every_serving_variant(recorders, max_num_seqs, max_num_batched_tokens, max_model_len,
+                                                   graphs):
     # The runner's warm-up steps (as on a GPU) must produce every compile key that a step the scheduler can
     # form produces: decode steps of any batch (padded to a bucket under CUDA graphs), prefill and mixed steps of
-    # any token count within the budget, each sequence within max_model_len. Also with a multi-head decode
-    # default, whose split threshold lies elsewhere.
-    if decode_config is not None:
-        monkeypatch.setitem(OP_MODULES[0].DECODE_CONFIGS, 128, decode_config)
+    # any token count within the budget, each sequence within max_model_len.
     max_batch = max(decode_buckets(max_num_seqs)[-1] if graphs else max_num_seqs, 2)
     max_num_tokens = max(max_num_batched_tokens, max_batch)
     layer = Layer(max_batch, max_num_tokens, max_model_len)

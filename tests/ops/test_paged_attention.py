@@ -5,7 +5,6 @@ tile sizes there so that short contexts still span several tiles and splits. Eve
 be read: cache slots outside each sequence's context hold NaN, block-table entries past a sequence's last block
 hold garbage (indices of poisoned blocks, -1, huge values), and physical blocks are a random permutation.
 """
-import dataclasses
 import importlib
 import math
 from dataclasses import dataclass
@@ -120,8 +119,6 @@ def check(case: Case, out, args, msg=""):
 # ---- strategies ---------------------------------------------------------------------------------------------------
 
 HEADS = [(1, 1), (2, 1), (1, 4), (2, 2), (1, 3), (2, 4)]  # (num_kv_heads, group): MHA, MQA and GQA, one odd group
-# Several kv heads, for the multi-head decode kernel (heads_per_program > 1; one kv head runs the original kernel).
-MULTI_KV_HEADS = [(2, 1), (4, 1), (8, 1), (2, 4), (4, 2), (4, 3), (8, 2)]
 
 
 @st.composite
@@ -152,11 +149,11 @@ def mixed_case(draw, max_batch=4, head_dims=(16, 64, 80, 128), block_sizes=(8, 1
 
 
 @st.composite
-def decode_case(draw, max_batch=5, head_dims=(16, 64, 80, 128), block_sizes=(8, 16, 32), max_blocks=8, heads=HEADS):
+def decode_case(draw, max_batch=5, head_dims=(16, 64, 80, 128), block_sizes=(8, 16, 32), max_blocks=8):
     """num_tokens == batch (the split-KV kernel). Usually one query per sequence; sometimes q_len 0, 2 or 3 and
     padding rows, which that kernel must get right too."""
     bs = draw(st.sampled_from(block_sizes))
-    kv_heads, group = draw(st.sampled_from(heads))
+    kv_heads, group = draw(st.sampled_from(HEADS))
     batch = draw(st.integers(1, max_batch))
     if draw(st.integers(0, 3)) == 0:
         q_lens = draw(st.lists(st.integers(0, 3), min_size=batch, max_size=batch))
@@ -265,8 +262,7 @@ def test_decode_partition_sizing():
 
 @pytest.mark.parametrize("field,value", [("block_n", 24), ("block_n", 8), ("partition_size", 0), ("programs_per_sm", 0),
                                          ("min_partition", 0), ("max_splits", 0), ("kv_gather", "row"),
-                                         ("grid_order", "batch"), ("merge", "tree"), ("heads_per_program", 0),
-                                         ("heads_per_program", 3)])
+                                         ("grid_order", "batch"), ("merge", "tree")])
 def test_decode_config_rejects_bad_values(field, value):
     kwargs = dict(block_n=32, num_warps=4, num_stages=2) | {field: value}
     with pytest.raises(ValueError, match=field):
@@ -348,126 +344,6 @@ def test_merge_counters_grow_and_keep_old_buffers(monkeypatch):
     assert len(buffers) == 4 and buffers[-1].numel() == 40 and all(int(b.count_nonzero()) == 0 for b in buffers)
 
 
-# ---- the multi-head decode kernel (DecodeConfig.heads_per_program > 1) ---------------------------------------------
-
-def heads_run(cfg: DecodeConfig, case: Case) -> int:
-    """The kv heads per program the launcher runs cfg with on case's shapes (1: the original kernel)."""
-    d_pad = max(16, 1 << (case.head_dim - 1).bit_length())
-    elem_size = torch.finfo(case.dtype).bits // 8
-    return paged_attention_module._heads_per_program(cfg, case.num_kv_heads, case.group, d_pad, elem_size)
-
-
-def check_decode_rows(case: Case, out, args, msg=""):
-    """check(), and every other row (padding tokens past query_start_loc[-1]) is exactly 0."""
-    check(case, out, args, msg)
-    real = int(args[5][-1])
-    assert (out[real:] == 0).all(), f"padding rows must be finite zeros {msg}"
-
-
-def assert_counters_zero(device):
-    buffers = paged_attention_module._merge_counters.get(device, [])
-    assert all(int(b.count_nonzero()) == 0 for b in buffers), "the fused merge must leave its counters zero"
-
-
-@given(case=decode_case(heads=MULTI_KV_HEADS), cfg=decode_config(), heads=st.sampled_from([2, 4, 8]))
-def test_heads_kernel_matches_reference(case, cfg, heads):
-    # Every variant flag and split sizing of decode_config(), with groups of 2 to 8 kv heads per program: MHA and
-    # GQA (an odd group too), head_dim 16 to 128 (80: padded), pages of 8 to 32 keys, uneven queries, padding.
-    cfg = dataclasses.replace(cfg, heads_per_program=heads)
-    assert heads_run(cfg, case) > 1, "the multi-head kernel must run, not the original"
-    args = build(case, TRITON_DEVICE)
-    check_decode_rows(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
-
-
-# The merges and variant flags with groups of kv heads; several kv heads per program in every case below.
-HEADS_VARIANTS = [
-    dict(heads_per_program=2),
-    dict(heads_per_program=8, merge="fused", grid_order="head"),
-    dict(heads_per_program=4, merge="group", direct_single_split=True, grid_order="split", kv_gather="page"),
-    dict(heads_per_program=2, merge="fused", grid_order="split", kv_gather="page"),
-]
-HEADS_VARIANT_IDS = ["-".join(f"{k}={v}" for k, v in d.items()) for d in HEADS_VARIANTS]
-
-
-# Each variant in one dtype, the fused merge over all 8 kv heads in every dtype; int64: 64-bit cache offsets.
-HEADS_SPLIT_RUNS = [(HEADS_VARIANTS[0], torch.float32, True), (HEADS_VARIANTS[2], torch.float16, False),
-                    (HEADS_VARIANTS[3], torch.bfloat16, False)] + [(HEADS_VARIANTS[1], d, False) for d in DTYPES]
-
-
-@pytest.mark.parametrize("variant,dtype,int64_offsets", HEADS_SPLIT_RUNS,
-                         ids=[f"{HEADS_VARIANT_IDS[HEADS_VARIANTS.index(v)]}-{str(d)[6:]}{'-int64' if i else ''}"
-                              for v, d, i in HEADS_SPLIT_RUNS])
-def test_heads_kernel_many_splits(variant, dtype, int64_offsets, monkeypatch):
-    # Contexts across 1 to 7 splits of 16 keys (some ending one key into a split, one inside the first tile),
-    # 8 kv heads x GQA 2, tiles of 16 keys over pages of 8. The fused merge merges a whole group of kv heads.
-    # Caches of 2**31 elements and more take 64-bit offsets; lowering the threshold runs that path on a small one.
-    if int64_offsets:
-        monkeypatch.setattr(paged_attention_module, "_INT32_OFFSET_LIMIT", 0)
-    case = Case(q_lens=[1] * 5, seq_lens=[1, 17, 48, 97, 112], num_kv_heads=8, group=2, head_dim=32, block_size=8,
-                dtype=dtype, seed=7)
-    args = build(case, TRITON_DEVICE)
-    cfg = DecodeConfig(16, 4, 1, partition_size=16, **variant)
-    assert heads_run(cfg, case) == variant["heads_per_program"]
-    check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
-    assert_counters_zero(args[0].device)
-
-
-HEADS_ODD_CASES = [
-    # uneven queries (tokens that are not their sequence's only one, sequences without a query) and padding rows
-    Case(q_lens=[2, 0, 1], seq_lens=[22, 21, 64], num_kv_heads=2, group=2, head_dim=32, block_size=8,
-         dtype=torch.float16, padding_rows=0, seed=3),
-    Case(q_lens=[0, 3, 0, 0], seq_lens=[4, 40, 1, 9], num_kv_heads=4, group=1, head_dim=16, block_size=16,
-         dtype=torch.float32, padding_rows=1, seed=4),
-    Case(q_lens=[0, 0, 0], seq_lens=[17, 1, 30], num_kv_heads=2, group=3, head_dim=16, block_size=8,
-         dtype=torch.float32, padding_rows=3, seed=5),
-    # a CUDA-graph batch bucket: padding sequences with an empty context (and garbage tables)
-    Case(q_lens=[1, 1, 1, 1], seq_lens=[30, 9, 0, 0], num_kv_heads=4, group=2, head_dim=16, block_size=8,
-         dtype=torch.bfloat16, seed=6),
-]
-
-
-@pytest.mark.parametrize("variant", HEADS_VARIANTS, ids=HEADS_VARIANT_IDS)
-def test_heads_kernel_uneven_queries_and_padding(variant):
-    # Calls in a row on one merge-counter buffer: each result checked (padding rows and empty contexts give
-    # exact zeros) and the fused merge's counters left zero after each.
-    for case in HEADS_ODD_CASES:
-        args = build(case, TRITON_DEVICE)
-        for partition in (16, None):
-            cfg = DecodeConfig(16, 4, 1, partition, min_partition=16, **variant)
-            assert heads_run(cfg, case) > 1
-            out = paged_attention_triton(*args, decode_config=cfg)
-            check_decode_rows(case, out, args, f"{cfg}")
-            empty = [t for b, ctx in enumerate(case.seq_lens) if ctx == 0
-                     for t in range(sum(case.q_lens[:b]), sum(case.q_lens[:b + 1]))]
-            assert (out[empty] == 0).all(), "an empty context gives a zero output"
-            assert_counters_zero(args[0].device)
-
-
-def test_heads_per_program_is_lowered_to_fit():
-    # A power of two dividing num_kv_heads, within the accumulator's register budget and the shared-memory
-    # budget; 1 (the original kernel) for MQA and head_dim 256.
-    def run(heads, kv_heads, group, d_pad, num_warps=4, block_n=16, num_stages=2, elem_size=2):
-        cfg = DecodeConfig(block_n, num_warps, num_stages, heads_per_program=heads)
-        return paged_attention_module._heads_per_program(cfg, kv_heads, group, d_pad, elem_size)
-
-    assert run(8, 8, 4, 128, num_warps=8) == 8  # [8, 16, 128] fp32 over 256 threads: 64 each
-    assert run(8, 8, 4, 128) == 4  # 4 warps: [4, 16, 128]
-    assert run(8, 8, 4, 64) == 8
-    assert run(8, 2, 4, 64) == 2
-    assert run(4, 6, 1, 64) == 2
-    assert run(4, 1, 8, 64) == 1  # MQA
-    assert run(2, 8, 4, 256) == 1  # head_dim 256 spills
-    assert run(2, 8, 64, 128) == 1  # group 64: [2, 64, 128] is over budget
-    assert run(1, 8, 4, 128) == 1
-    # Shared memory: 8 heads x 32 keys x 128 in bf16 fit (160 KiB), in fp32 only 2 heads (its dots take a scratch
-    # tile too); 5 stages double-buffer K and V.
-    assert run(8, 8, 4, 128, num_warps=8, block_n=32) == 8
-    assert run(8, 8, 4, 128, num_warps=8, block_n=32, elem_size=4) == 2
-    assert run(8, 8, 4, 128, num_warps=8, block_n=16, num_stages=5) == 8
-    assert run(8, 8, 4, 128, num_warps=8, block_n=32, num_stages=5) == 4
-    assert DecodeConfig(16, 4, 2).heads_per_program == 1  # the default: the original kernel
-
-
 # ---- the registered op -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", OP_DEVICES)
@@ -509,37 +385,15 @@ def test_split_kv_variants_cuda(case, block_n, num_stages, variant, partition):
     check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
 
 
-@pytest.mark.gpu
-@settings(max_examples=25)
-@given(case=decode_case(max_batch=8, head_dims=(64, 80, 128, 256), block_sizes=GPU_BLOCK_SIZES, max_blocks=40,
-                        heads=MULTI_KV_HEADS),
-       heads=st.sampled_from([2, 4, 8]), block_n=st.sampled_from([16, 32, 64]), num_warps=st.sampled_from([4, 8]),
-       num_stages=st.sampled_from([2, 5]), variant=st.sampled_from(DECODE_VARIANTS),
-       partition=st.sampled_from([None, 64, 256]))
-def test_heads_kernel_cuda(case, heads, block_n, num_warps, num_stages, variant, partition):
-    # The multi-head kernel natively, at GPU tile sizes and pipeline depths, with every other variant flag
-    # (the launcher lowers heads to fit; head_dim 256 runs the original kernel, at tiles that fit).
-    cfg = DecodeConfig(block_n, num_warps, num_stages, partition, min_partition=64, heads_per_program=heads, **variant)
-    elem = torch.finfo(case.dtype).bits // 8
-    d_pad = 1 << (case.head_dim - 1).bit_length()
-    buffers = max(1, (num_stages - 1) // 2)
-    while heads_run(cfg, case) == 1 and cfg.block_n > 16 and 2 * cfg.block_n * d_pad * elem * buffers > 96 * 1024:
-        cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)  # as test_split_kv_variants_cuda
-    args = build(case, "cuda")
-    out = paged_attention_triton(*args, decode_config=cfg)
-    check_decode_rows(case, out, args, f"{cfg}, {heads_run(cfg, case)} kv heads per program")
-
-
 GRAPH_DECODE_CONFIGS = [
     None,
     DecodeConfig(64, 4, 5, kv_gather="page", merge="fused", grid_order="split", programs_per_sm=8),
     DecodeConfig(128, 4, 2, merge="group", direct_single_split=True, grid_order="head"),
-    DecodeConfig(16, 4, 2, heads_per_program=2, merge="fused", grid_order="head", programs_per_sm=8),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode_config", GRAPH_DECODE_CONFIGS, ids=["default", "fused", "group-direct", "heads-fused"])
+@pytest.mark.parametrize("decode_config", GRAPH_DECODE_CONFIGS, ids=["default", "fused", "group-direct"])
 @pytest.mark.parametrize("first,second", [
     (([1] * 6, [500, 31, 1200, 16, 7, 64]), ([1] * 6, [33, 900, 2, 1100, 640, 129])),  # decode, split-KV
     (([50, 1, 20], [300, 17, 20]), ([10, 10, 51], [10, 100, 61])),  # mixed prefill, same token count
