@@ -24,6 +24,7 @@ from benchmarks.common import copy_bandwidth_gbps, device_info, print_table, wri
 from benchmarks.models import load_model, weight_bytes
 
 linear_op = importlib.import_module("cinfer_ops.linear")  # the module (the package's ``linear`` is the op)
+pdl = importlib.import_module("cinfer_ops.pdl")
 
 
 def _sync():
@@ -62,8 +63,12 @@ def bench_hf(model, prompts: torch.Tensor, new_tokens: int, static: bool) -> tup
     return total_s, ttft_s, startup_s if static else 0.0
 
 
-# peer -> (async_scheduling (None: the default), few-row linears on the streaming kernel (False: all on cuBLAS))
-CINFER_PEERS = {"cinfer": (None, True), "cinfer_sync": (False, True), "cinfer_cublas": (None, False)}
+# peer -> (async_scheduling (None: the default), few-row linears on the streaming kernel (False: all on cuBLAS),
+#          programmatic dependent launch (cinfer_ops.pdl), the streaming kernel's L2 prefetch in MiB (None: default))
+CINFER_PEERS = {"cinfer": (None, True, True, None), "cinfer_sync": (False, True, True, None),
+                "cinfer_cublas": (None, False, True, None), "cinfer_nopdl": (None, True, False, None),
+                "cinfer_pf0": (None, True, True, 0), "cinfer_pf4": (None, True, True, 4),
+                "cinfer_pf16": (None, True, True, 16), "cinfer_pf32": (None, True, True, 32)}
 BLOCK_SIZE = 16
 
 
@@ -157,15 +162,18 @@ def main():
             prompts = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
             try:
                 if peer in CINFER_PEERS:
-                    async_scheduling, stream_linear = CINFER_PEERS[peer]
-                    saved = linear_op.STREAM_ROWS
-                    try:  # the op picks its kernel when a step runs or a CUDA graph is captured
-                        linear_op.STREAM_ROWS = saved if stream_linear else 0
+                    async_scheduling, stream_linear, use_pdl, prefetch_mb = CINFER_PEERS[peer]
+                    saved = linear_op.STREAM_ROWS, pdl.ENABLED, linear_op.PREFETCH_BYTES
+                    try:  # the ops pick kernels and launch options when a step runs or a CUDA graph is captured
+                        linear_op.STREAM_ROWS = saved[0] if stream_linear else 0
+                        pdl.ENABLED = saved[1] and use_pdl
+                        if prefetch_mb is not None:
+                            linear_op.PREFETCH_BYTES = int(prefetch_mb * 2**20)
                         total, ttft, startup, engine = bench_cinfer(
                             model, prompts, args.new_tokens, max(batches), engine, async_scheduling=async_scheduling,
                             max_tokens_per_seq=args.prompt_len + args.new_tokens)
                     finally:
-                        linear_op.STREAM_ROWS = saved
+                        linear_op.STREAM_ROWS, pdl.ENABLED, linear_op.PREFETCH_BYTES = saved
                     if args.profile:
                         profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_{peer}.txt")
                     if startup == 0.0:
@@ -200,14 +208,14 @@ def main():
         sync = by.get(("cinfer_sync", r["batch"]))
         if r["peer"] == "cinfer" and sync and "tok_s" in r and "tok_s" in sync:
             r["x_cinfer_sync"] = r["tok_s"] / sync["tok_s"]
-        for other in ("cinfer_cublas",):
+        for other in ("cinfer_cublas", "cinfer_nopdl"):
             o = by.get((other, r["batch"]))
             if r["peer"] == "cinfer" and o and "tok_s" in r and "tok_s" in o:
                 r["x_" + other] = r["tok_s"] / o["tok_s"]
     print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "compile_s", "passes_s",
                        "inner_compile_s", "cuda_graphs_s",
                        "pct_roofline", "x_hf_static",
-                       "x_cinfer_sync", "x_cinfer_cublas", "overlapped_steps", "error"])
+                       "x_cinfer_sync", "x_cinfer_cublas", "x_cinfer_nopdl", "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_generate_{args.model.replace('/', '_')}.json",
                dict(info=info, copy_gbps=bw, weight_bytes=wbytes, roofline_tok_s=roofline, args=vars(args), rows=rows))
 

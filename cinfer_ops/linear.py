@@ -13,6 +13,7 @@ implementation chooses per call, from ``LINEAR_CONFIGS``, so the choice is made 
 nothing at replay. The choice is per weight shape: a few-row GEMM against a weight that cuBLAS streams as fast
 stays on cuBLAS.
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from cinfer_ops.pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait, prefetch_l2
 
 # Rows of x up to which the streaming kernel can run (its tensor-core tile height).
 MAX_STREAM_ROWS = 16
@@ -48,6 +51,12 @@ LINEAR_CONFIGS: dict[tuple[int, int], LinearConfig | None] = {
     (2048, 8192): LinearConfig(32, 512, 4, 4), (128256, 2048): LinearConfig(64, 256, 4, 4),
 }
 _DTYPES = (torch.bfloat16, torch.float16)
+
+# With programmatic dependent launch (cinfer_ops.pdl), the kernel becomes resident while the kernels before it
+# (a norm, rope, attention) still run, and before waiting for them it asks L2 for the first weights of its rows:
+# about this many bytes over the programs of its first wave, so the weight stream starts before its input exists.
+# 0 turns the prefetch off (PDL stays on).
+PREFETCH_BYTES = int(float(os.environ.get("CINFER_LINEAR_PREFETCH_MB", "8")) * 2**20)
 
 
 def load_linear_configs(path: str) -> dict[tuple[int, int], LinearConfig | None]:
@@ -79,6 +88,7 @@ def _stream_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH_ROW_BYTES: tl.constexpr,
 ):
     # The K loop is software-pipelined num_stages deep (a launch option).
     # Program p computes out[:, p*BLOCK_N : (p+1)*BLOCK_N] as (W[rows] @ x^T)^T. Weight rows past N (the last
@@ -88,6 +98,10 @@ def _stream_linear_kernel(
     ks = tl.arange(0, BLOCK_K)
     n_ok = rows_n < N
     m_ok = rows_m < M
+    if PREFETCH_ROW_BYTES > 0:  # the weight is constant: safe to touch before the wait (rows past N clamp to N-1)
+        first = w_ptr + tl.minimum(rows_n, N - 1).to(tl.int64) * stride_wn
+        prefetch_l2(first, tl.full([BLOCK_N], PREFETCH_ROW_BYTES, tl.int32))
+    pdl_wait(USE_PDL)  # x comes from the previous kernel
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]        # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows_m.to(tl.int64)[None, :] * stride_xm + ks[:, None]        # [BLOCK_K, BLOCK_M]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -107,6 +121,7 @@ def _stream_linear_kernel(
             acc = tl.dot(w, x, acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+    pdl_launch_dependents(USE_PDL)  # the next kernel may become resident during this one's tail
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     out_ptrs = out_ptr + rows_m.to(tl.int64)[None, :] * stride_om + rows_n[:, None]
@@ -123,6 +138,16 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
+
+
+def _prefetch_row_bytes(weight: Tensor, programs: int, block_n: int) -> int:
+    """Bytes from the start of each weight row to prefetch into L2 (a multiple of 16, at most the row): about
+    PREFETCH_BYTES over the programs that can be resident at once (one per SM), 0 if rows are not 16-byte aligned."""
+    row_bytes = weight.shape[1] * weight.element_size()
+    if PREFETCH_BYTES <= 0 or weight.data_ptr() % 16 or (weight.stride(0) * weight.element_size()) % 16:
+        return 0
+    resident = min(programs, torch.cuda.get_device_properties(weight.device).multi_processor_count)
+    return min(PREFETCH_BYTES // (resident * block_n), row_bytes) // 16 * 16
 
 
 def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
@@ -142,13 +167,16 @@ def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
         config = config or DEFAULT_LINEAR_CONFIG
-        _stream_linear_kernel[(triton.cdiv(n, config.block_n),)](
+        programs = triton.cdiv(n, config.block_n)
+        pdl = pdl_launch_options(x.device)
+        prefetch = _prefetch_row_bytes(weight, programs, config.block_n) if pdl["USE_PDL"] else 0
+        _stream_linear_kernel[(programs,)](
             x2, weight, bias if bias is not None else weight, out, m, n, k,
             x2.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN_K=k % config.block_k == 0, UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
-            FP32_IEEE=x.dtype == torch.float32,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            FP32_IEEE=x.dtype == torch.float32, PREFETCH_ROW_BYTES=prefetch,
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
         )
     return out.view(*x.shape[:-1], n)
 

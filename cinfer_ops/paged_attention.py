@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cinfer_ops.pdl import pdl_launch_options, pdl_start
+
 
 def _check(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
            query_start_loc: Tensor) -> None:
@@ -292,8 +294,9 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_CHUNK: tl.constexpr, SPLIT: tl.constexpr,
     GRID_ORDER: tl.constexpr, KV_GATHER: tl.constexpr, MERGE: tl.constexpr, DIRECT: tl.constexpr,
     MERGE_CHUNK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INT64_OFFSETS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)  # everything below may read the previous kernels' q and cache writes
     # Program (token, kv_head, split): the GROUP query heads of kv_head for one query token are the rows of the
     # dots, so each K/V tile is read once per kv head. The split covers keys [split * partition_size, + partition_size)
     # of the token's visible context. Any token works (it need not be its sequence's only one), so this kernel is
@@ -464,8 +467,9 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEADS_PER_TILE: tl.constexpr, HEAD_CHUNKS: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SEARCH_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    INT64_OFFSETS: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     # Program (tile, kv_head x head chunk). A tile is TOKENS_PER_TILE consecutive query tokens of one sequence
     # times HEADS_PER_TILE query heads sharing kv_head: row r is token r // HEADS_PER_TILE, head r % HEADS_PER_TILE,
     # so each K/V tile is loaded once for the whole GQA group.
@@ -664,7 +668,8 @@ def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
     if num_tokens == batch:
         _launch_decode(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
                        decode_config or _pick(DECODE_CONFIGS, d_pad), qk_scale, SEARCH_CHUNK=_SEARCH_CHUNK,
-                       DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, INT64_OFFSETS=int64_offsets)
+                       DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, INT64_OFFSETS=int64_offsets,
+                       **pdl_launch_options(query.device))
         return out
 
     cfg = prefill_config or _pick(PREFILL_CONFIGS, d_pad)
@@ -679,7 +684,7 @@ def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
         GROUP=group, HEADS_PER_TILE=heads_per_tile, HEAD_CHUNKS=head_chunks, TOKENS_PER_TILE=tokens_per_tile,
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         SEARCH_CHUNK=_SEARCH_CHUNK, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, INT64_OFFSETS=int64_offsets,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_options(query.device),
     )
     return out
 

@@ -9,6 +9,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cinfer_ops.pdl import pdl_launch_options, pdl_start
+
 # A whole row lives in registers; beyond this the kernel would spill (no Llama-family model comes close).
 MAX_HIDDEN = 65536
 # From this many rows on, the launcher takes its many-rows kernel variant (see rms_norm_launch_params). The
@@ -51,8 +53,9 @@ def fused_add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, ep
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     n_rows, x_row_stride, residual_row_stride, hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     # Each program normalises ROWS whole rows held in registers: x is read once and out written once.
     # Outputs are contiguous, so their row stride is `hidden`.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -110,7 +113,7 @@ def _launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
             x2, r2, weight.contiguous(), out, new_residual,
             n_rows, x2.stride(0), r2.stride(0), hidden, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden), ROWS=rows_per_program,
-            num_warps=num_warps or default_warps,
+            num_warps=num_warps or default_warps, **pdl_launch_options(x.device),
         )
     out = out.view(x.shape)
     return out, (new_residual.view(x.shape) if residual is not None else None)

@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cinfer_ops.kv_cache_write import check_cache_write_args, kv_cache_write_reference
+from cinfer_ops.pdl import pdl_launch_options, pdl_start
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -97,8 +98,9 @@ def _rope_kv_cache_write_kernel(
     q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
     cos_token_stride, sin_token_stride,
     NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-    HALF_PAD: tl.constexpr, HEADS: tl.constexpr, Q_PROGRAMS: tl.constexpr,
+    HALF_PAD: tl.constexpr, HEADS: tl.constexpr, Q_PROGRAMS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     # Program (t, j) handles token t: for j < Q_PROGRAMS query heads [j*HEADS, (j+1)*HEADS) into out, else key/value
     # heads [(j-Q_PROGRAMS)*HEADS, ...) into the caches. Each head is read as its two halves x1 = x[:HALF] and
     # x2 = x[HALF:], so rotate_half is a sign and a swap: out1 = x1*cos1 - x2*sin1, out2 = x2*cos2 + x1*sin2.
@@ -167,7 +169,7 @@ def rope_kv_cache_write_triton(query: Tensor, key: Tensor, value: Tensor, cos: T
         cos.stride(0), sin.stride(0),
         NUM_HEADS=num_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
         HALF_PAD=triton.next_power_of_2(head_dim // 2), HEADS=heads, Q_PROGRAMS=q_programs,
-        num_warps=num_warps or default_warps,
+        num_warps=num_warps or default_warps, **pdl_launch_options(query.device),
     )
     return out
 
