@@ -64,11 +64,9 @@ def bench_hf(model, prompts: torch.Tensor, new_tokens: int, static: bool) -> tup
 
 
 # peer -> (async_scheduling (None: the default), few-row linears on the streaming kernel (False: all on cuBLAS),
-#          programmatic dependent launch (cinfer_ops.pdl), the streaming kernel's L2 prefetch in MiB (None: default))
-CINFER_PEERS = {"cinfer": (None, True, True, None), "cinfer_sync": (False, True, True, None),
-                "cinfer_cublas": (None, False, True, None), "cinfer_nopdl": (None, True, False, None),
-                "cinfer_pf0": (None, True, True, 0), "cinfer_pf4": (None, True, True, 4),
-                "cinfer_pf16": (None, True, True, 16), "cinfer_pf32": (None, True, True, 32)}
+#          programmatic dependent launch (cinfer_ops.pdl))
+CINFER_PEERS = {"cinfer": (None, True, True), "cinfer_sync": (False, True, True), "cinfer_cublas": (None, False, True),
+                "cinfer_nopdl": (None, True, False)}
 BLOCK_SIZE = 16
 
 
@@ -162,18 +160,16 @@ def main():
             prompts = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
             try:
                 if peer in CINFER_PEERS:
-                    async_scheduling, stream_linear, use_pdl, prefetch_mb = CINFER_PEERS[peer]
-                    saved = linear_op.STREAM_ROWS, pdl.ENABLED, linear_op.PREFETCH_BYTES
+                    async_scheduling, stream_linear, use_pdl = CINFER_PEERS[peer]
+                    saved = linear_op.STREAM_ROWS, pdl.ENABLED
                     try:  # the ops pick kernels and launch options when a step runs or a CUDA graph is captured
                         linear_op.STREAM_ROWS = saved[0] if stream_linear else 0
                         pdl.ENABLED = saved[1] and use_pdl
-                        if prefetch_mb is not None:
-                            linear_op.PREFETCH_BYTES = int(prefetch_mb * 2**20)
                         total, ttft, startup, engine = bench_cinfer(
                             model, prompts, args.new_tokens, max(batches), engine, async_scheduling=async_scheduling,
                             max_tokens_per_seq=args.prompt_len + args.new_tokens)
                     finally:
-                        linear_op.STREAM_ROWS, pdl.ENABLED, linear_op.PREFETCH_BYTES = saved
+                        linear_op.STREAM_ROWS, pdl.ENABLED = saved
                     if args.profile:
                         profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_{peer}.txt")
                     if startup == 0.0:

@@ -3,8 +3,8 @@
 A kernel launched with PDL may start while the kernel before it in the stream is still running: it becomes
 resident as soon as every program of its predecessor has called ``griddepcontrol.launch_dependents`` (or exited),
 and its ``griddepcontrol.wait`` blocks until the predecessor has completed and its writes are visible. CUDA graphs
-keep these edges, so a decode step replays with the small kernels already resident and waiting, and a weight-
-streaming GEMV can pull its first weights into L2 while the attention or norm before it still runs.
+keep these edges, so a decode step replays with each kernel already resident and waiting when its predecessor ends:
+the launch latency between dependent kernels leaves the critical path.
 
 The rule every kernel here keeps: **nothing produced by an earlier kernel is read, and nothing is written, before
 ``pdl_wait``.** Only addresses and constant weights may be touched before it. ``pdl_wait`` waits for the
@@ -63,12 +63,3 @@ def pdl_start(USE_PDL: tl.constexpr):
     """The prologue of a short kernel: let the next kernel become resident now, then wait for the previous one."""
     pdl_launch_dependents(USE_PDL)
     pdl_wait(USE_PDL)
-
-
-@triton.jit
-def prefetch_l2(ptrs, nbytes):
-    """Ask the TMA unit to bring ``nbytes`` (a multiple of 16) from each 16-byte aligned address in ``ptrs`` into
-    L2 (sm_90 ``cp.async.bulk.prefetch.L2``): a hint with no result and no register cost."""
-    tl.inline_asm_elementwise(
-        "cp.async.bulk.prefetch.L2.global [$1], $2; // dummy $0",
-        "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
