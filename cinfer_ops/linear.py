@@ -8,12 +8,6 @@ projections. The kernel here gives each program ``BLOCK_N`` whole weight rows, s
 (the operands swapped: ``out^T = W @ x^T``, so the weight is the row-major A operand). There is no split-K and
 no second kernel; each output element is one program's fp32 dot product, rounded once.
 
-``cinfer::silu_mul_linear(gate, up, weight, bias)`` is ``F.linear(silu(gate) * up, weight, bias)``, the down
-projection of a gated MLP (HF's ``LlamaMLP``): the streaming kernel computes ``silu(gate) * up`` as it loads each
-K-tile of its input (rounded as HF rounds it: ``silu`` to the input dtype, then the product), so at decode the
-activation needs no kernel of its own. For more rows a one-pass Triton kernel writes the product and cuBLAS
-multiplies.
-
 Larger ``M`` (prefill, big decode batches) is compute-bound or close to it and stays with cuBLAS: the op's CUDA
 implementation chooses per call, from ``LINEAR_CONFIGS``, so the choice is made at CUDA-graph capture and costs
 nothing at replay. The choice is per weight shape: a few-row GEMM against a weight that cuBLAS streams as fast
@@ -27,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cinfer_ops.pdl import pdl_launch_dependents, pdl_launch_options, pdl_start, pdl_wait
+from cinfer_ops.pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
 
 # Rows of x up to which the streaming kernel can run (its tensor-core tile height).
 MAX_STREAM_ROWS = 16
@@ -75,11 +69,6 @@ def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def silu_mul_linear_reference(gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """HF's ``down_proj(act_fn(gate) * up)`` with ``act_fn`` SiLU, in the inputs' dtype."""
-    return F.linear(F.silu(gate) * up, weight, bias)
-
-
 def pick_linear_config(rows: int, n: int, k: int) -> LinearConfig | None:
     """The streaming kernel's config for x of ``rows`` rows against weight [n, k], or None for cuBLAS."""
     if rows > min(STREAM_ROWS, MAX_STREAM_ROWS):
@@ -87,23 +76,12 @@ def pick_linear_config(rows: int, n: int, k: int) -> LinearConfig | None:
     return LINEAR_CONFIGS.get((n, k), DEFAULT_LINEAR_CONFIG)
 
 
-@triton.jit
-def _silu_mul(gate, up):
-    """silu(gate) * up as torch computes it for 16-bit inputs: silu in fp32 rounded to the input dtype, then the
-    product in fp32 rounded again."""
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
-
-
 @triton.jit(do_not_specialize=["M"])  # one variant for every row count (1 and 16 would each get their own)
 def _stream_linear_kernel(
-    x_ptr, u_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_um, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    # GATED: x is the gate and u_ptr the up projection (same shape): the input is silu(x) * u, made per K-tile.
     # The K loop is software-pipelined num_stages deep (a launch option).
     # Program p computes out[:, p*BLOCK_N : (p+1)*BLOCK_N] as (W[rows] @ x^T)^T. Weight rows past N (the last
     # program) and x rows past M load as zero and are never stored.
@@ -115,20 +93,15 @@ def _stream_linear_kernel(
     pdl_wait(USE_PDL)  # x comes from the previous kernel (cinfer_ops.pdl)
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]        # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows_m.to(tl.int64)[None, :] * stride_xm + ks[:, None]        # [BLOCK_K, BLOCK_M]
-    u_ptrs = u_ptr + rows_m.to(tl.int64)[None, :] * stride_um + ks[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
-            if GATED:
-                x = _silu_mul(x, tl.load(u_ptrs, mask=m_ok[None, :], other=0.0))
         else:
             k_ok = (k0 + ks) < K
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
-            if GATED:
-                x = _silu_mul(x, tl.load(u_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0))
         if UPCAST_DOT:  # Triton's interpreter multiplies bf16 dot operands as raw bits (triton 3.9)
             acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
         elif FP32_IEEE:  # fp32 operands: full fp32 products, as F.linear (no tf32)
@@ -137,7 +110,6 @@ def _stream_linear_kernel(
             acc = tl.dot(w, x, acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
     pdl_launch_dependents(USE_PDL)  # the next kernel may become resident during this one's tail
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -157,32 +129,18 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
             raise ValueError(f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
 
 
-def _check_gate_up(gate: Tensor, up: Tensor) -> None:
-    if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device:
-        raise ValueError(f"up {tuple(up.shape)} {up.dtype} {up.device} must match gate {tuple(gate.shape)} "
-                         f"{gate.dtype} {gate.device}")
-
-
-def _rows(t: Tensor, k: int) -> Tensor:
-    """[..., k] -> [rows, k] with unit stride along k (row-strided views stay views)."""
-    t2 = t.reshape(-1, k)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
-                         config: LinearConfig | None = None, up: Tensor | None = None) -> Tensor:
+                         config: LinearConfig | None = None) -> Tensor:
     """The streaming kernel for x: [..., K] with at most ``MAX_STREAM_ROWS`` rows, weight [N, K] (unit stride along
-    K), bias [N] or None; one dtype of bf16/fp16/fp32. Returns a contiguous [..., N]. With ``up`` (x's shape), the
-    input is ``silu(x) * up`` (``silu_mul_linear``)."""
+    K), bias [N] or None; one dtype of bf16/fp16/fp32. Returns a contiguous [..., N]."""
     _check(x, weight, bias)
-    if up is not None:
-        _check_gate_up(x, up)
     n, k = weight.shape
-    x2 = _rows(x, k)
+    x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if m > MAX_STREAM_ROWS:
         raise ValueError(f"the streaming kernel takes at most {MAX_STREAM_ROWS} rows, got {m}")
-    u2 = x2 if up is None else _rows(up, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -190,9 +148,9 @@ def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
         config = config or DEFAULT_LINEAR_CONFIG
         programs = triton.cdiv(n, config.block_n)
         _stream_linear_kernel[(programs,)](
-            x2, u2, weight, bias if bias is not None else weight, out, m, n, k,
-            x2.stride(0), u2.stride(0), weight.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, GATED=up is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            x2, weight, bias if bias is not None else weight, out, m, n, k,
+            x2.stride(0), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN_K=k % config.block_k == 0, UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
             FP32_IEEE=x.dtype == torch.float32,
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_options(x.device),
@@ -220,54 +178,3 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
-
-@triton.jit(do_not_specialize=["n_rows"])
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_rows, width, stride_g, stride_u, BLOCK: tl.constexpr,
-                     USE_PDL: tl.constexpr):
-    # Program (row, column block): out[row, cols] = silu(gate) * up; out is contiguous.
-    pdl_start(USE_PDL)
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < width
-    g = tl.load(gate_ptr + row * stride_g + cols, mask=ok, other=0.0)
-    u = tl.load(up_ptr + row * stride_u + cols, mask=ok, other=0.0)
-    tl.store(out_ptr + row * width + cols, _silu_mul(g, u), mask=ok)
-
-
-def silu_mul_triton(gate: Tensor, up: Tensor) -> Tensor:
-    """``silu(gate) * up`` in one pass (gate/up: [..., width] of one shape and dtype, rows may be strided).
-    Returns a contiguous tensor of gate's shape."""
-    _check_gate_up(gate, up)
-    width = gate.shape[-1]
-    g2, u2 = _rows(gate, width), _rows(up, width)
-    out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
-    if out.numel():
-        block = min(triton.next_power_of_2(width), 2048)
-        _silu_mul_kernel[(g2.shape[0], triton.cdiv(width, block))](
-            g2, u2, out, g2.shape[0], width, g2.stride(0), u2.stride(0), BLOCK=block,
-            num_warps=max(1, min(8, block // 256)), **pdl_launch_options(gate.device))
-    return out.view(gate.shape)
-
-
-@torch.library.custom_op("cinfer::silu_mul_linear", mutates_args=(), device_types="cpu")
-def silu_mul_linear(gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(silu(gate) * up, weight, bias)``. gate, up: [..., in_features] of one shape (any row strides);
-    weight: [out_features, in_features]; bias: [out_features] or None. Returns a contiguous [..., out_features]."""
-    _check(gate, weight, bias)
-    _check_gate_up(gate, up)
-    return silu_mul_linear_reference(gate, up, weight, bias).contiguous()
-
-
-@silu_mul_linear.register_kernel("cuda")
-def _(gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    _check(gate, weight, bias)
-    rows = gate.numel() // max(gate.shape[-1], 1)
-    config = pick_linear_config(rows, *weight.shape)
-    if config is None or gate.dtype not in _DTYPES or weight.stride(-1) != 1:
-        return linear_reference(silu_mul_triton(gate, up), weight, bias).contiguous()
-    return linear_stream_triton(gate, weight, bias, config=config, up=up)
-
-
-@silu_mul_linear.register_fake
-def _(gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return gate.new_empty((*gate.shape[:-1], weight.shape[0]))

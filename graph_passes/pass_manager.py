@@ -12,8 +12,8 @@ Order (each pass is a plain ``GraphModule -> int`` function in its own module):
    (after 2, whose op then reads q/k/v as column slices of the fused output: it takes strided inputs)
 6. ``linear``              (``linear_pass.route_linears``)                 -- after 5, so fused projections are
    included; ``F.linear`` -> ``cinfer.linear`` (a streaming kernel for few-row steps on the GPU)
-7. ``silu_mul_linear``     (``silu_mul_linear_pass.fuse_silu_mul_linear``) -- needs 6's ``cinfer.linear``; a gated
-   MLP's ``down(silu(gate) * up)`` -> ``cinfer.silu_mul_linear`` (the product made inside the down projection)
+7. ``silu_mul``            (``silu_mul_pass.fuse_silu_mul``)                -- a gated MLP's ``silu(gate) * up`` ->
+   ``cinfer.silu_mul`` (a kernel launched like the others, with programmatic dependent launch)
 
 The passes run inside ``fx_utils.passes_deferred``: the graph's code is regenerated once, after the last pass, and the
 fake values of the nodes they insert are computed when a later pass reads them, or after the last pass.
@@ -35,11 +35,11 @@ from graph_passes.linear_pass import route_linears
 from graph_passes.paged_inputs import PagedInputs
 from graph_passes.rms_norm_pass import fuse_rms_norm
 from graph_passes.rope_pass import fuse_rope_kv_cache_write
-from graph_passes.silu_mul_linear_pass import fuse_silu_mul_linear
+from graph_passes.silu_mul_pass import fuse_silu_mul
 
 logger = logging.getLogger(__name__)
 
-PASS_ORDER = ("attention", "rope", "rms_norm", "fused_add_rms_norm", "fuse_projections", "linear", "silu_mul_linear")
+PASS_ORDER = ("attention", "rope", "rms_norm", "fused_add_rms_norm", "fuse_projections", "linear", "silu_mul")
 
 
 def model_class_name(gm: fx.GraphModule) -> str:
@@ -96,7 +96,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: list | None = None, *, num_la
         report["fused_add_rms_norm"] = fuse_add_rms_norm(gm)
         report["fuse_projections"] = fuse_projections(gm, example_inputs)
         report["linear"] = route_linears(gm)
-        report["silu_mul_linear"] = fuse_silu_mul_linear(gm)
+        report["silu_mul"] = fuse_silu_mul(gm)
     gm.graph.lint()
     logger.info("%s: graph passes rewrote %s", model_name, ", ".join(f"{k}={v}" for k, v in report.items()))
     return report

@@ -9,10 +9,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from cinfer_ops.linear import (MAX_STREAM_ROWS, LinearConfig, linear_stream_triton, pick_linear_config,
-                               silu_mul_triton)
+from cinfer_ops.linear import MAX_STREAM_ROWS, LinearConfig, linear_stream_triton, pick_linear_config
 from tests.conftest import HAS_CUDA, TRITON_DEVICE
-from tests.tolerances import ELEMENTWISE, MATMUL, assert_close
+from tests.tolerances import MATMUL, assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 OP_DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
@@ -74,68 +73,6 @@ def test_op_matches_float64_reference(device, m, dtype):
     assert_close(out[0], linear_f64(x, w, b), MATMUL, dtype)
     out = torch.ops.cinfer.linear(x, w, None)
     assert_close(out, linear_f64(x, w, None), MATMUL, dtype)
-
-
-def gate_up_operands(gen, m, k, dtype, device):
-    """gate and up [m, k] as the two halves of a fused gate/up projection's output: column slices of one NaN-padded
-    buffer (row stride 2k + 8), followed by NaN rows."""
-    buf = torch.full((m + 3, 2 * k + 8), float("nan"), dtype=dtype)
-    buf[:m, :2 * k] = nonzero(gen, (m, 2 * k), dtype)
-    buf = buf.to(device)
-    return buf[:m, :k], buf[:m, k:2 * k]
-
-
-def silu_mul_f64(gate, up):
-    g = gate.double()
-    return g / (1 + torch.exp(-g)) * up.double()
-
-
-@given(m=st.integers(1, MAX_STREAM_ROWS), n=st.one_of(st.integers(1, 150), st.sampled_from([16, 64, 96])),
-       k=st.one_of(st.integers(1, 200), st.sampled_from([32, 64, 128])), dtype=st.sampled_from(DTYPES),
-       bias=st.booleans(), config=configs, seed=st.integers(0, 2**31 - 1))
-def test_gated_stream_kernel_matches_float64_reference(m, n, k, dtype, bias, config, seed):
-    """silu(gate) * up made per K-tile inside the streaming kernel, gate/up read as strided halves of one buffer."""
-    gen = torch.Generator().manual_seed(seed)
-    _, w, b = poisoned_operands(gen, m, n, k, dtype, bias, 8, TRITON_DEVICE)
-    gate, up = gate_up_operands(gen, m, k, dtype, TRITON_DEVICE)
-    out = linear_stream_triton(gate, w, b, config=config, up=up)
-    assert out.shape == (m, n) and out.dtype == dtype and out.is_contiguous()
-    assert_close(out, linear_f64(silu_mul_f64(gate, up), w, b), MATMUL, dtype, msg=f"{config}")
-
-
-@given(m=st.integers(1, 40), k=st.one_of(st.integers(1, 300), st.sampled_from([64, 2048, 2100])),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
-def test_silu_mul_kernel_matches_float64_reference(m, k, dtype, seed):
-    gate, up = gate_up_operands(torch.Generator().manual_seed(seed), m, k, dtype, TRITON_DEVICE)
-    out = silu_mul_triton(gate[None], up[None])
-    assert out.shape == (1, m, k) and out.dtype == dtype and out.is_contiguous()
-    assert_close(out[0], silu_mul_f64(gate, up), ELEMENTWISE, dtype)
-
-
-@pytest.mark.parametrize("device", OP_DEVICES)
-@pytest.mark.parametrize("m", [1, MAX_STREAM_ROWS, MAX_STREAM_ROWS + 1, 40])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul_linear_op_matches_float64_reference(device, m, dtype):
-    """cinfer::silu_mul_linear on both sides of the streaming kernel's row limit (the fallback: the one-pass
-    silu * up kernel, then cuBLAS), with the compiled graph's leading batch dim."""
-    gen = torch.Generator().manual_seed(m)
-    n, k = 72, 136
-    _, w, b = poisoned_operands(gen, m, n, k, dtype, True, 8, device)
-    gate, up = gate_up_operands(gen, m, k, dtype, device)
-    out = torch.ops.cinfer.silu_mul_linear(gate[None], up[None], w, b)
-    assert out.shape == (1, m, n) and out.dtype == dtype and out.is_contiguous()
-    assert_close(out[0], linear_f64(silu_mul_f64(gate, up), w, b), MATMUL, dtype)
-    torch.library.opcheck(torch.ops.cinfer.silu_mul_linear.default, (gate.float(), up.float(), w.float(), None))
-
-
-def test_silu_mul_linear_bad_input_is_named():
-    gate, w = torch.randn(2, 16), torch.randn(8, 16)
-    with pytest.raises(ValueError, match="must match gate"):
-        torch.ops.cinfer.silu_mul_linear(gate, torch.randn(2, 15), w, None)
-    with pytest.raises(ValueError, match="in_features"):
-        torch.ops.cinfer.silu_mul_linear(torch.randn(2, 12), torch.randn(2, 12), w, None)
-    with pytest.raises(ValueError, match="must match gate"):
-        silu_mul_triton(gate.to(TRITON_DEVICE), gate.half().to(TRITON_DEVICE))
 
 
 def test_zero_rows():
