@@ -183,7 +183,7 @@ def _kernel_globals() -> dict:
     variants: the child must pick the parent's."""
     linear = importlib.import_module("cinfer_ops.linear")  # the module (the package's ``linear`` is the op)
     pdl = importlib.import_module("cinfer_ops.pdl")
-    return {"pdl_enabled": pdl.ENABLED, "stream_rows": linear.STREAM_ROWS,
+    return {"pdl_enabled": pdl.ENABLED, "stream_rows": linear.STREAM_ROWS, "prefetch_bytes": linear.PREFETCH_BYTES,
             "linear_configs": [[n, k, None if c is None else astuple(c)]
                                for (n, k), c in linear.LINEAR_CONFIGS.items()]}
 
@@ -193,6 +193,7 @@ def _set_kernel_globals(values: dict) -> None:
     pdl = importlib.import_module("cinfer_ops.pdl")
     pdl.ENABLED = values["pdl_enabled"]
     linear.STREAM_ROWS = values["stream_rows"]
+    linear.PREFETCH_BYTES = values["prefetch_bytes"]
     linear.LINEAR_CONFIGS = {(n, k): None if c is None else linear.LinearConfig(*c)
                              for n, k, c in values["linear_configs"]}
 
