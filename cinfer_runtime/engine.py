@@ -102,33 +102,20 @@ class Engine:
 
         spec = KVCacheSpec.from_model(model)
         self.k_caches, self.v_caches = allocate_kv_caches(spec, config.num_kv_blocks, config.block_size, self.device)
-        # Start-up phases in seconds: the warm-up steps (Dynamo capture, graph passes, Inductor, Triton kernels), the
-        # part of them spent waiting for the precompile child, and graph capture.
+        self.paged_model = graph_passes.compile_model(model, self.k_caches, self.v_caches,
+                                                      inner_backend=config.inner_backend)
+        logits_size = model.get_output_embeddings().weight.shape[0]
+        sampler = Sampler(logits_size, self.device, max(config.max_num_seqs, 2))
+        self.runner = ModelRunner(self.paged_model, config, self.device, sampler)
+        # Start-up phases in seconds: the warm-up steps (Dynamo capture, graph passes, Inductor, Triton kernels) and
+        # graph capture.
         self.startup_times: dict[str, float] = {}
-        # Imported here: ``python -m cinfer_runtime.precompile`` imports this package first, and the module must
-        # not be imported before it runs as __main__.
-        from cinfer_runtime.precompile import start_precompile
-
-        # Started once the cache is allocated, so that a cache sized by the user is not starved by the child.
-        precompile = start_precompile(model, config, self.device)
-        try:
-            self.paged_model = graph_passes.compile_model(model, self.k_caches, self.v_caches,
-                                                          inner_backend=config.inner_backend)
-            # Once Inductor is done, before the graph's kernels run and before the profile run measures memory.
-            self.paged_model.on_compiled = precompile.wait if precompile is not None else None
-            logits_size = model.get_output_embeddings().weight.shape[0]
-            sampler = Sampler(logits_size, self.device, max(config.max_num_seqs, 2))
-            self.runner = ModelRunner(self.paged_model, config, self.device, sampler)
-            start = time.perf_counter()
-            if profile:
-                memory = measure_peak_memory(self.device, self.runner.profile_run)
-            else:
-                self.runner.warm_up()
-            self.startup_times["compile_s"] = time.perf_counter() - start
-        finally:
-            if precompile is not None:
-                precompile.close()  # stops a child not waited for: the compile raised before Inductor finished
-                self.startup_times["precompile_wait_s"] = precompile.wait_s
+        start = time.perf_counter()
+        if profile:
+            memory = measure_peak_memory(self.device, self.runner.profile_run)
+        else:
+            self.runner.warm_up()
+        self.startup_times["compile_s"] = time.perf_counter() - start
         self.startup_times.update(self.paged_model.compile_times)  # parts of compile_s
         if profile:
             self._rebind_kv_cache(spec, self._num_kv_blocks_from(memory, spec))

@@ -53,7 +53,6 @@ import itertools
 import logging
 import time
 import types
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -147,9 +146,6 @@ class PagedModel:
 
     Attributes: ``report`` (sites rewritten per pass, filled by the first call), ``graph_module`` (the rewritten
     FX graph handed to the inner backend), ``ops_before`` / ``ops_after`` (op counts of the Dynamo graph).
-    ``on_compiled``: None, or a callable the backend calls (no arguments) each time the inner backend has
-    compiled the graph, just before the compiled graph first runs: the last moment before the call launches
-    cinfer's kernels (the engine waits there for ``cinfer_runtime.precompile``'s child).
     """
 
     def __init__(self, model: torch.nn.Module, k_caches: list[Tensor], v_caches: list[Tensor], inner_backend: str):
@@ -161,7 +157,6 @@ class PagedModel:
         self.graph_module: fx.GraphModule | None = None
         self.ops_before = None
         self.ops_after = None
-        self.on_compiled: Callable[[], None] | None = None
         self._step = torch.compile(_make_step(model), backend=self._backend, fullgraph=True)
 
     def set_caches(self, k_caches: list[Tensor], v_caches: list[Tensor]) -> None:
@@ -201,8 +196,6 @@ class PagedModel:
         start = time.perf_counter()
         compiled = compile_inner(gm, example_inputs, self.inner_backend)
         self.compile_times["inner_compile_s"] = time.perf_counter() - start
-        if self.on_compiled is not None:
-            self.on_compiled()
         return compiled
 
     def __call__(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:

@@ -9,9 +9,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# The test models compile in seconds, where the engine's precompile child (cinfer_runtime.precompile) would only
-# add its own start-up; the tests of the child turn it on.
-os.environ.setdefault("CINFER_PRECOMPILE", "0")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

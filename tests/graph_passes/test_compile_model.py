@@ -85,23 +85,6 @@ def test_inductor_end_to_end():
     assert counters["inductor"]["fxgraph_cache_miss"] == misses
 
 
-def test_on_compiled_runs_once_before_the_graph():
-    # The engine waits for its precompile child there: after the inner backend, before any of the graph's kernels.
-    model = make_model("llama_mqa")
-    k_caches, v_caches = make_caches(model)
-    paged = compile_model(model, k_caches, v_caches, inner_backend="eager")
-    calls = []
-    paged.on_compiled = lambda: calls.append((paged.graph_module is not None, k_caches[0].isnan().all().item()))
-    driver = PagedDriver()
-    driver.add(9)
-    driver.add(4)
-    paged(*driver.step_inputs([(0, 0, 9), (1, 0, 4)]))
-    assert calls == [(True, True)]  # compiled, and no cache slot written yet
-    assert not k_caches[0].isnan().all()
-    paged(*driver.step_inputs([(0, 0, 3)]))
-    assert len(calls) == 1
-
-
 def test_new_batch_compositions_do_not_recompile():
     model = make_model("llama_mqa")
     paged = compile_model(model, *make_caches(model), inner_backend="eager")
