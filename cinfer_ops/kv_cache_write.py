@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cinfer_ops.launch import launch
+
 # Largest slice of a token's [kv_heads * head_dim] row one program moves; wider rows get more programs (grid axis 1).
 MAX_BLOCK = 4096
 # From this many tokens on, the launcher takes its many-tokens kernel variant (see kv_cache_write_launch_params).
@@ -103,7 +105,7 @@ def kv_cache_write_triton(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: 
         if v & (v - 1):
             raise ValueError(f"{name} must be a power of two, got {v}")
     grid = (triton.cdiv(num_tokens, tokens_per_program), triton.cdiv(row, block))
-    _kv_cache_write_kernel[grid](
+    launch(_kv_cache_write_kernel, grid,
         key, value, k_cache, v_cache, slot_mapping, num_tokens,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         ROW=row, HEAD_DIM=head_dim, BLOCK=block, TOKENS=tokens_per_program, num_warps=num_warps or default_warps,

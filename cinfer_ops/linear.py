@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cinfer_ops.launch import launch
 from cinfer_ops.pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
 
 # Rows of x up to which the streaming kernel can run (its tensor-core tile height).
@@ -147,7 +148,7 @@ def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
     if m and n:
         config = config or DEFAULT_LINEAR_CONFIG
         programs = triton.cdiv(n, config.block_n)
-        _stream_linear_kernel[(programs,)](
+        launch(_stream_linear_kernel, (programs,),
             x2, weight, bias if bias is not None else weight, out, m, n, k,
             x2.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cinfer_ops.launch import launch
 from cinfer_ops.pdl import pdl_launch_options, pdl_start
 
 
@@ -605,7 +606,7 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
         grid = (num_tokens, kv_heads, num_splits)
     else:
         grid = (num_tokens * kv_heads * num_splits,)
-    _decode_kernel[grid](
+    launch(_decode_kernel, grid,
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, merge_count,
         qk_scale, batch, num_tokens, kv_heads, num_heads, num_splits, partition,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -618,13 +619,13 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kernel_flags,
     )
     if split and cfg.merge == "head":
-        _merge_splits_kernel[(num_tokens, num_heads)](
+        launch(_merge_splits_kernel, (num_tokens, num_heads),
             part_out, part_lse, out, num_heads, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_CHUNK=_SPLIT_CHUNK, DIRECT=cfg.direct_single_split,
             num_warps=4 if d_pad >= 128 else 2,
         )
     elif split and cfg.merge == "group":
-        _merge_groups_kernel[(num_tokens, kv_heads)](
+        launch(_merge_groups_kernel, (num_tokens, kv_heads),
             part_out, part_lse, out, num_heads, num_splits, out.stride(0), out.stride(1),
             GROUP=group, GM_PAD=gm_pad, HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_CHUNK=_merge_chunk(gm_pad, d_pad),
             DIRECT=cfg.direct_single_split, num_warps=4,
@@ -677,7 +678,7 @@ def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
     head_chunks = triton.cdiv(group, heads_per_tile)
     tokens_per_tile = cfg.block_m // heads_per_tile
     grid = (num_tokens // tokens_per_tile + batch, kv_heads * head_chunks)
-    _prefill_kernel[grid](
+    launch(_prefill_kernel, grid,
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
         qk_scale, batch,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *cache_strides,

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cinfer_ops.launch import launch
 from cinfer_ops.pdl import pdl_launch_options, pdl_start
 
 # A whole row lives in registers; beyond this the kernel would spill (no Llama-family model comes close).
@@ -109,7 +110,7 @@ def _launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
         rows_per_program = rows_per_program or default_rows
         if rows_per_program & (rows_per_program - 1):
             raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
-        _rms_norm_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+        launch(_rms_norm_kernel, (triton.cdiv(n_rows, rows_per_program),),
             x2, r2, weight.contiguous(), out, new_residual,
             n_rows, x2.stride(0), r2.stride(0), hidden, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden), ROWS=rows_per_program,

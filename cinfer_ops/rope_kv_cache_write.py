@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cinfer_ops.kv_cache_write import check_cache_write_args, kv_cache_write_reference
+from cinfer_ops.launch import launch
 from cinfer_ops.pdl import pdl_launch_options, pdl_start
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -163,7 +164,7 @@ def rope_kv_cache_write_triton(query: Tensor, key: Tensor, value: Tensor, cos: T
         raise ValueError(f"heads_per_program must be a power of two, got {heads}")
     q_programs = triton.cdiv(num_heads, heads)
     grid = (num_tokens, q_programs + triton.cdiv(kv_heads, heads))
-    _rope_kv_cache_write_kernel[grid](
+    launch(_rope_kv_cache_write_kernel, grid,
         query, key, value, cos, sin, k_cache, v_cache, slot_mapping, out,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         cos.stride(0), sin.stride(0),

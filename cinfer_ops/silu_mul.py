@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cinfer_ops.launch import launch
 from cinfer_ops.pdl import pdl_launch_options, pdl_start
 
 
@@ -57,7 +58,7 @@ def silu_mul_triton(gate: Tensor, up: Tensor, *, block: int | None = None) -> Te
     out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     if out.numel():
         block = block or min(triton.next_power_of_2(width), 2048)
-        _silu_mul_kernel[(g2.shape[0], triton.cdiv(width, block))](
+        launch(_silu_mul_kernel, (g2.shape[0], triton.cdiv(width, block)),
             g2, u2, out, g2.shape[0], width, g2.stride(0), u2.stride(0), BLOCK=block,
             num_warps=max(1, min(8, block // 256)), **pdl_launch_options(gate.device))
     return out.view(gate.shape)

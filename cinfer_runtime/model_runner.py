@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 import cinfer_ops
+from cinfer_ops.launch import compile_ahead
 from cinfer_runtime.config import EngineConfig, cdiv
 from cinfer_runtime.cuda_graphs import StepGraphs, decode_buckets, prefill_buckets
 from cinfer_runtime.sampler import Sampler, SamplingRow
@@ -161,7 +162,16 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Run dummy steps (``warm_up_steps``) through the model and the sampler: the first compiles the model (so
         a model the graph passes cannot rewrite fails here) and the sampler's kernels; on a GPU the others compile
-        the remaining Triton kernel variants, so that none compiles while serving or capturing CUDA graphs."""
+        the remaining Triton kernel variants, so that none compiles while serving or capturing CUDA graphs.
+
+        On a GPU the steps first go through the model once under ``cinfer_ops.launch.compile_ahead``: cinfer's kernel
+        variants then compile in parallel rather than one by one at their first launch (the sampler's few compile in
+        the real pass: its torch ops must not see that pass's unwritten logits)."""
+        if self.device.type == "cuda":
+            with compile_ahead(self.device):
+                for q_lens in self._warm_up_steps:
+                    self._fill_dummy(q_lens)
+                    self.model(*self.dev.model_inputs(sum(q_lens), len(q_lens)))
         for q_lens in self._warm_up_steps:
             self._fill_dummy(q_lens)
             logits = self.model(*self.dev.model_inputs(sum(q_lens), len(q_lens)))

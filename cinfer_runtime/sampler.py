@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cinfer_ops.launch import launch
 from cinfer_runtime.sampling_params import SamplingParams
 
 # splitmix64's increment and finaliser multipliers (Steele, Lea, Flood 2014; Vigna's constants).
@@ -215,10 +216,10 @@ def _split_argmax(logits: Tensor, seeds: Tensor | None, steps: Tensor | None, nu
     # One workspace for both halves of the partials (values as fp32 bits, then indices): a single allocation.
     partials = torch.empty((2, batch, num_chunks), dtype=torch.int32, device=logits.device)
     gumbel = seeds is not None
-    _chunk_argmax_kernel[(batch, num_chunks)](
+    launch(_chunk_argmax_kernel, (batch, num_chunks),
         logits, logits.stride(0), vocab_size, chunk_size, seeds if gumbel else partials,  # unread without GUMBEL
         steps if gumbel else partials, partials, BLOCK=block, GUMBEL=gumbel, UNIFORM_BITS_=UNIFORM_BITS, num_warps=4)
-    _reduce_partials_kernel[(batch,)](partials, num_chunks, out, BLOCK=PARTIALS_BLOCK, num_warps=4)
+    launch(_reduce_partials_kernel, (batch,), partials, num_chunks, out, BLOCK=PARTIALS_BLOCK, num_warps=4)
     return out
 
 
