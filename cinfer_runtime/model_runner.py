@@ -164,21 +164,21 @@ class ModelRunner:
         a model the graph passes cannot rewrite fails here) and the sampler's kernels; on a GPU the others compile
         the remaining Triton kernel variants, so that none compiles while serving or capturing CUDA graphs.
 
-        On a GPU the steps first go through the model once under ``cinfer_ops.launch.compile_ahead``: cinfer's kernel
-        variants then compile in parallel rather than one by one at their first launch (the sampler's few compile in
-        the real pass: its torch ops must not see that pass's unwritten logits)."""
-        if self.device.type == "cuda":
-            with compile_ahead(self.device):
-                for q_lens in self._warm_up_steps:
-                    self._fill_dummy(q_lens)
-                    self.model(*self.dev.model_inputs(sum(q_lens), len(q_lens)))
-        for q_lens in self._warm_up_steps:
-            self._fill_dummy(q_lens)
-            logits = self.model(*self.dev.model_inputs(sum(q_lens), len(q_lens)))
-            greedy = SamplingRow(SamplingParams(temperature=0.0), 0, 0, [0])
-            rows = [greedy, SamplingRow(SamplingParams(temperature=1.0, top_k=8, top_p=0.9, min_p=0.01), 0, 0, [0])]
-            rows = rows[:len(q_lens)]  # a long warm-up step may be one sequence
-            self.sampler(logits[:len(rows)], rows).tolist()
+        On a GPU the model runs them under ``cinfer_ops.launch.compile_ahead``: cinfer's kernel variants compile in
+        parallel rather than one by one at their first launch, and none of its kernels runs, so the logits are
+        unwritten; the sampler's warm-up calls then get zeros of their shape instead."""
+        with compile_ahead(self.device):
+            steps = []
+            for q_lens in self._warm_up_steps:
+                self._fill_dummy(q_lens)
+                steps.append((q_lens, self.model(*self.dev.model_inputs(sum(q_lens), len(q_lens)))))
+        greedy = SamplingRow(SamplingParams(temperature=0.0), 0, 0, [0])
+        rows = [greedy, SamplingRow(SamplingParams(temperature=1.0, top_k=8, top_p=0.9, min_p=0.01), 0, 0, [0])]
+        for q_lens, logits in steps:
+            if self.device.type == "cuda":
+                logits = torch.zeros_like(logits)
+            step_rows = rows[:len(q_lens)]  # a long warm-up step may be one sequence
+            self.sampler(logits[:len(step_rows)], step_rows).tolist()
             self.sampler(logits[:1], [greedy]).tolist()  # the all-greedy path (argmax of the raw logits)
 
     @torch.no_grad()
