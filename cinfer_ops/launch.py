@@ -6,9 +6,11 @@ an H100, ``benchmarks/RESULTS.md``). Inside ``compile_ahead()``, ``launch`` only
 (``JITFunction.warmup``) under Triton's ``AsyncCompileMode``, so the compiles run in a thread pool while the caller
 goes on; Triton's MLIR and LLVM passes and ``ptxas`` run outside the GIL, so they overlap. The same threads then
 load each compiled variant, which on a cold cache includes building its C launcher (a ``gcc`` run of about 0.3 s
-per distinct signature, otherwise done at the first launch). Leaving the context waits for all of it. Nothing is launched inside it: outputs are left unwritten and in-place ops (cache writes)
-change nothing, so the model's results in that pass are garbage, and only what launches depend on (shapes, dtypes,
-strides, alignment, the launchers' choices) matters.
+per distinct signature, otherwise done at the first launch). Leaving the context waits for all of it.
+
+Nothing is launched inside it: outputs are left unwritten and in-place ops (cache writes) change nothing, so the
+model's results in that pass are garbage; only what launches depend on (shapes, dtypes, strides, alignment, the
+launchers' choices) matters.
 
 On CPU (Triton's interpreter) there is nothing to compile and ``compile_ahead`` changes nothing.
 """

@@ -147,8 +147,7 @@ def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
         config = config or DEFAULT_LINEAR_CONFIG
-        programs = triton.cdiv(n, config.block_n)
-        launch(_stream_linear_kernel, (programs,),
+        launch(_stream_linear_kernel, (triton.cdiv(n, config.block_n),),
             x2, weight, bias if bias is not None else weight, out, m, n, k,
             x2.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -178,4 +177,3 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 @linear.register_fake
 def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
-

@@ -52,11 +52,11 @@ def _layer(inp: dict, w: dict, k_cache, v_cache):
     return dict(r2=r2, n2=n2, wide=wide, out=ops.linear(n3, w["wdown"], None))
 
 
-def _step_inputs(gen, batch, ctx, blocks_per_seq):
-    """Decode inputs for one token of each sequence at context ctx[i] (its slot is position ctx[i] - 1)."""
+def _step_inputs(gen, ctx, block_tables):
+    """Decode inputs for one token of each sequence at context ctx[i] (its slot is position ctx[i] - 1), over the
+    int32 ``block_tables`` (CPU)."""
+    batch = len(ctx)
     seq_lens = torch.tensor(ctx, dtype=torch.int32)
-    block_tables = torch.arange(batch * blocks_per_seq, dtype=torch.int32).view(batch, blocks_per_seq)
-    block_tables = block_tables[:, torch.randperm(blocks_per_seq, generator=gen)]  # non-contiguous pages
     pos = seq_lens.long() - 1
     slots = block_tables.gather(1, (pos // BLOCK)[:, None])[:, 0].long() * BLOCK + pos % BLOCK
     angle = pos[:, None].float() * torch.rand(HEAD_DIM // 2, generator=gen)[None, :]
@@ -85,8 +85,9 @@ def test_pdl_chain_in_cuda_graph_equals_eager_without_pdl(batch, monkeypatch):
     # Both caches start as the same random keys and values; positions past each context are NaN and never read.
     k_cache = torch.rand(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).cuda() - 0.5
     v_cache = torch.rand(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).cuda() - 0.5
-    first = _step_inputs(gen, batch, ctx0, blocks_per_seq)
-    bt = first["block_tables"].cpu()
+    bt = torch.arange(num_blocks, dtype=torch.int32).view(batch, blocks_per_seq)
+    bt = bt[:, torch.randperm(blocks_per_seq, generator=gen)]  # non-contiguous pages
+    first = _step_inputs(gen, ctx0, bt)
     for i, c in enumerate(ctx0):
         for p in range(c - 1, blocks_per_seq * BLOCK):
             k_cache[bt[i, p // BLOCK], p % BLOCK] = float("nan")
@@ -105,10 +106,7 @@ def test_pdl_chain_in_cuda_graph_equals_eager_without_pdl(batch, monkeypatch):
     assert _launched_with_pdl(importlib.import_module("cinfer_ops.linear")._stream_linear_kernel)
 
     for step in range(steps):
-        inp = first if step == 0 else _step_inputs(gen, batch, [c + step for c in ctx0], blocks_per_seq)
-        inp["block_tables"] = first["block_tables"]
-        inp["slots"] = (inp["block_tables"].gather(1, ((inp["seq_lens"].long() - 1) // BLOCK)[:, None])[:, 0] * BLOCK
-                        + (inp["seq_lens"].long() - 1) % BLOCK)
+        inp = first if step == 0 else _step_inputs(gen, [c + step for c in ctx0], bt)
         for k, t in inp.items():
             static[k].copy_(t)
         graph.replay()
