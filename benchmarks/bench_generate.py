@@ -8,7 +8,9 @@ size. Reports output tokens/s, time per output token (TPOT), time to first token
 
 Peers: ``cinfer`` (the defaults: on a GPU, async scheduling launches the next decode step before the previous
 step's tokens are read), ``cinfer_sync`` (``async_scheduling=False``), ``cinfer_cublas`` (every linear on cuBLAS,
-not the streaming kernel of ``cinfer_ops.linear``),  ``hf_static``, ``hf_eager``. Each cinfer engine gets a KV cache sized
+not the streaming kernel of ``cinfer_ops.linear``), ``cinfer_nopdl`` (no programmatic dependent launch),
+``cinfer_whole`` (the rewritten graph compiled as one graph, not per distinct layer: ``graph_passes.layer_split``),
+``hf_static``, ``hf_eager``. Each cinfer engine gets a KV cache sized
 for the workload (twice the largest batch's tokens), not from free memory: a deleted engine's cache is not
 returned to the device (its compiled graph keeps it alive), so the second engine of the run must fit beside it.
 """
@@ -25,6 +27,7 @@ from benchmarks.models import load_model, weight_bytes
 
 linear_op = importlib.import_module("cinfer_ops.linear")  # the module (the package's ``linear`` is the op)
 pdl = importlib.import_module("cinfer_ops.pdl")
+layer_split = importlib.import_module("graph_passes.layer_split")
 
 
 def _sync():
@@ -64,9 +67,11 @@ def bench_hf(model, prompts: torch.Tensor, new_tokens: int, static: bool) -> tup
 
 
 # peer -> (async_scheduling (None: the default), few-row linears on the streaming kernel (False: all on cuBLAS),
-#          programmatic dependent launch (cinfer_ops.pdl))
-CINFER_PEERS = {"cinfer": (None, True, True), "cinfer_sync": (False, True, True), "cinfer_cublas": (None, False, True),
-                "cinfer_nopdl": (None, True, False)}
+#          programmatic dependent launch (cinfer_ops.pdl), the graph compiled per distinct layer
+#          (graph_passes.layer_split; False: as one graph))
+CINFER_PEERS = {"cinfer": (None, True, True, True), "cinfer_sync": (False, True, True, True),
+                "cinfer_cublas": (None, False, True, True), "cinfer_nopdl": (None, True, False, True),
+                "cinfer_whole": (None, True, True, False)}
 BLOCK_SIZE = 16
 
 
@@ -160,16 +165,17 @@ def main():
             prompts = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
             try:
                 if peer in CINFER_PEERS:
-                    async_scheduling, stream_linear, use_pdl = CINFER_PEERS[peer]
-                    saved = linear_op.STREAM_ROWS, pdl.ENABLED
+                    async_scheduling, stream_linear, use_pdl, split_layers = CINFER_PEERS[peer]
+                    saved = linear_op.STREAM_ROWS, pdl.ENABLED, layer_split.ENABLED
                     try:  # the ops pick kernels and launch options when a step runs or a CUDA graph is captured
                         linear_op.STREAM_ROWS = saved[0] if stream_linear else 0
                         pdl.ENABLED = saved[1] and use_pdl
+                        layer_split.ENABLED = saved[2] and split_layers
                         total, ttft, startup, engine = bench_cinfer(
                             model, prompts, args.new_tokens, max(batches), engine, async_scheduling=async_scheduling,
                             max_tokens_per_seq=args.prompt_len + args.new_tokens)
                     finally:
-                        linear_op.STREAM_ROWS, pdl.ENABLED = saved
+                        linear_op.STREAM_ROWS, pdl.ENABLED, layer_split.ENABLED = saved
                     if args.profile:
                         profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_{peer}.txt")
                     if startup == 0.0:
@@ -182,6 +188,8 @@ def main():
                     row["overlapped_steps"] = overlapped
                     if startup is not None:  # the engine's own split of its start-up, and Dynamo's of its compile
                         row.update(engine.startup_times)
+                        split = engine.paged_model.split_report
+                        row.update(pieces=split.pieces, pieces_compiled=split.compiled)
                         print("torch.compile phases (s):\n" + torch._dynamo.utils.compile_times(repr="str",
                                                                                           aggregate=True))
                         print("inductor counters:", dict(torch._dynamo.utils.counters["inductor"]))
@@ -204,14 +212,14 @@ def main():
         sync = by.get(("cinfer_sync", r["batch"]))
         if r["peer"] == "cinfer" and sync and "tok_s" in r and "tok_s" in sync:
             r["x_cinfer_sync"] = r["tok_s"] / sync["tok_s"]
-        for other in ("cinfer_cublas", "cinfer_nopdl"):
+        for other in ("cinfer_cublas", "cinfer_nopdl", "cinfer_whole"):
             o = by.get((other, r["batch"]))
             if r["peer"] == "cinfer" and o and "tok_s" in r and "tok_s" in o:
                 r["x_" + other] = r["tok_s"] / o["tok_s"]
     print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "compile_s", "passes_s",
-                       "inner_compile_s", "cuda_graphs_s",
+                       "inner_compile_s", "pieces_compiled", "cuda_graphs_s",
                        "pct_roofline", "x_hf_static",
-                       "x_cinfer_sync", "x_cinfer_cublas", "x_cinfer_nopdl", "overlapped_steps", "error"])
+                       "x_cinfer_sync", "x_cinfer_cublas", "x_cinfer_nopdl", "x_cinfer_whole", "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_generate_{args.model.replace('/', '_')}.json",
                dict(info=info, copy_gbps=bw, weight_bytes=wbytes, roofline_tok_s=roofline, args=vars(args), rows=rows))
 

@@ -63,6 +63,7 @@ from graph_passes.attention_metadata import AttentionMetadata
 from graph_passes.backend import compile_inner
 from graph_passes.errors import GraphRewriteError
 from graph_passes.fx_utils import op_counts
+from graph_passes.layer_split import SplitReport, compile_by_layer
 from graph_passes.paged_inputs import bind_paged_inputs  # noqa: F401  (registers the marker op)
 from graph_passes.pass_manager import run_passes
 
@@ -145,7 +146,8 @@ class PagedModel:
     """An HF causal LM compiled over paged KV caches. Build with ``compile_model``.
 
     Attributes: ``report`` (sites rewritten per pass, filled by the first call), ``graph_module`` (the rewritten
-    FX graph handed to the inner backend), ``ops_before`` / ``ops_after`` (op counts of the Dynamo graph).
+    FX graph, before ``layer_split`` cut it into pieces for the inner backend), ``ops_before`` / ``ops_after`` (op
+    counts of the Dynamo graph), ``split_report`` (pieces, and how many were compiled; see ``layer_split``).
     """
 
     def __init__(self, model: torch.nn.Module, k_caches: list[Tensor], v_caches: list[Tensor], inner_backend: str):
@@ -157,6 +159,7 @@ class PagedModel:
         self.graph_module: fx.GraphModule | None = None
         self.ops_before = None
         self.ops_after = None
+        self.split_report: SplitReport | None = None
         self._step = torch.compile(_make_step(model), backend=self._backend, fullgraph=True)
 
     def set_caches(self, k_caches: list[Tensor], v_caches: list[Tensor]) -> None:
@@ -194,7 +197,8 @@ class PagedModel:
         self.graph_module = gm
         self.compile_times["passes_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        compiled = compile_inner(gm, example_inputs, self.inner_backend)
+        compiled, self.split_report = compile_by_layer(
+            gm, example_inputs, lambda piece, args: compile_inner(piece, args, self.inner_backend))
         self.compile_times["inner_compile_s"] = time.perf_counter() - start
         return compiled
 
