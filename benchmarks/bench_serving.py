@@ -6,13 +6,15 @@ Workload (seeded): --num-requests requests, prompt lengths uniform in [64, 1024]
 [64, 512], all submitted at once, EOS ignored. Reports output tokens/s (only the tokens each request asked for)
 and p50/p99 request latency (submission to last token).
 
-Peers: ``cinfer`` (the defaults: async scheduling on a GPU), ``cinfer_sync`` (``async_scheduling=False``), ``hf_padded``,
-``hf_generate_batch``. Each cinfer engine's KV cache holds --max-num-seqs requests of the workload's largest
+Peers: ``cinfer`` (the defaults: async scheduling on a GPU), ``cinfer_sync`` (``async_scheduling=False``),
+``cinfer_whole`` (the rewritten graph compiled as one graph, not per distinct layer: ``graph_passes.layer_split``),
+``hf_padded``, ``hf_generate_batch``. Each cinfer engine's KV cache holds --max-num-seqs requests of the workload's largest
 length (no preemption at full concurrency) rather than filling free memory: a deleted engine's cache is not
 returned to the device (its compiled graph keeps it alive), so the second cinfer engine must fit beside the first.
 """
 import argparse
 import gc
+import importlib
 import time
 
 import torch
@@ -39,7 +41,8 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
-CINFER_PEERS = {"cinfer": None, "cinfer_sync": False}  # peer -> async_scheduling (None: the default)
+# peer -> (async_scheduling (None: the default), the graph compiled per distinct layer (graph_passes.layer_split))
+CINFER_PEERS = {"cinfer": (None, True), "cinfer_sync": (False, True), "cinfer_whole": (None, False)}
 BLOCK_SIZE = 16
 
 
@@ -47,13 +50,19 @@ def run_cinfer(model, prompts, olens, max_num_seqs, peer="cinfer"):
     import cinfer_runtime
     from cinfer_runtime import SamplingParams
 
+    layer_split = importlib.import_module("graph_passes.layer_split")
+    async_scheduling, split_layers = CINFER_PEERS[peer]
     longest = max(len(p) + o for p, o in zip(prompts, olens))
     t0 = time.perf_counter()
-    engine = cinfer_runtime.compile(model, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
-                                    num_kv_blocks=max_num_seqs * -(-longest // BLOCK_SIZE),
-                                    async_scheduling=CINFER_PEERS[peer],
-                                    # the warm-up below reuses 8 of the workload's prompts: no cached prefixes
-                                    enable_prefix_caching=False)
+    saved, layer_split.ENABLED = layer_split.ENABLED, layer_split.ENABLED and split_layers
+    try:
+        engine = cinfer_runtime.compile(model, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
+                                        num_kv_blocks=max_num_seqs * -(-longest // BLOCK_SIZE),
+                                        async_scheduling=async_scheduling,
+                                        # the warm-up below reuses 8 of the workload's prompts: no cached prefixes
+                                        enable_prefix_caching=False)
+    finally:
+        layer_split.ENABLED = saved
     startup = time.perf_counter() - t0
     engine.generate(prompts[:8], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 8, use_tqdm=False)
     _sync()
@@ -147,14 +156,15 @@ def main():
             rows.append(dict(peer=peer, error=f"{type(e).__name__}: {e}"[:300]))
         print(rows[-1], flush=True)
     best_hf = max((r["tok_s"] for r in rows if r["peer"] not in CINFER_PEERS and "tok_s" in r), default=None)
-    sync = next((r for r in rows if r["peer"] == "cinfer_sync" and "tok_s" in r), None)
     for r in rows:
         if r["peer"] in CINFER_PEERS and best_hf and "tok_s" in r:
             r["x_best_hf"] = r["tok_s"] / best_hf
-        if r["peer"] == "cinfer" and sync and "tok_s" in r:
-            r["x_cinfer_sync"] = r["tok_s"] / sync["tok_s"]
+        for other in ("cinfer_sync", "cinfer_whole"):
+            o = next((x for x in rows if x["peer"] == other and "tok_s" in x), None)
+            if r["peer"] == "cinfer" and o and "tok_s" in r:
+                r["x_" + other] = r["tok_s"] / o["tok_s"]
     print_table(rows, ["peer", "tok_s", "elapsed_s", "p50_s", "p99_s", "startup_s", "x_best_hf", "x_cinfer_sync",
-                       "preemptions", "overlapped_steps", "error"])
+                       "x_cinfer_whole", "preemptions", "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_serving_{args.model.replace('/', '_')}.json", dict(info=info, args=vars(args), rows=rows))
 
 
