@@ -17,9 +17,10 @@ Dynamo traces straight through the HF code, so the graph holds HF's embedding, p
 manager (attention -> rope -> rms_norm -> fused_add_rms_norm -> fuse_projections -> linear), which wires them into
 ``cinfer.kv_cache_write`` / ``cinfer.paged_attention``, erases the marker and the now-dead mask, fuses each layer's
 q/k RoPE with its cache write (``cinfer.rope_kv_cache_write``), stacks each layer's q/k/v and gate/up weights into
-one projection each (re-pointing the model's parameters into the stacked tensors), then hands the graph to Inductor.
-Everything stays inside one ``torch.compile``; the caches are written in place through the ops' ``Tensor(a!)``
-arguments.
+one projection each (re-pointing the model's parameters into the stacked tensors), then hands the graph to Inductor
+piece by piece: ``layer_split`` cuts it into prologue, one piece per decoder layer and epilogue, and compiles each
+distinct piece once (four compiles for a Llama model of any depth). Everything stays inside one ``torch.compile``;
+the caches are written in place through the ops' ``Tensor(a!)`` arguments.
 
 Dynamic shapes (the rules the runtime relies on)
 ------------------------------------------------
