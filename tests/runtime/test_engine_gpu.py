@@ -1,7 +1,8 @@
 """The engine on a GPU in bf16, CUDA graphs on and off: greedy outputs equal HF ``generate`` up to near-ties (where
 the two first differ, HF's logits for the two tokens must be within the bf16 logits tolerance), under chunked
-prefill and under heavy preemption; decode and prefill steps really replay graphs; the cache is sized from the memory
-the warm-up measured, swapped in without recompiling, and serving stays inside gpu_memory_utilization."""
+prefill and under heavy preemption, with the graph compiled one distinct layer at a time; decode and prefill steps
+really replay graphs; the cache is sized from the memory the warm-up measured, swapped in without recompiling, and
+serving stays inside gpu_memory_utilization."""
 import importlib
 from collections import defaultdict
 
@@ -33,6 +34,10 @@ def test_greedy_matches_hf_bf16(gpu_model, gpu_prompts, reference, enforce_eager
     engine = cinfer_runtime.compile(gpu_model, block_size=16, num_kv_blocks=num_kv_blocks, max_num_seqs=16,
                                     max_num_batched_tokens=32, enforce_eager=enforce_eager)
     assert (engine.runner.graphs is None) == enforce_eager
+    # Inductor compiled 4 of the 6 pieces (graph_passes.layer_split): layers 2 and 3 run layer 1's compiled code
+    # with their own weights and caches, which the comparison with HF checks.
+    layers = gpu_model.config.num_hidden_layers
+    assert (engine.paged_model.split_report.pieces, engine.paged_model.split_report.compiled) == (layers + 2, 4)
     outs = engine.generate(gpu_prompts, [SamplingParams(max_tokens=m, temperature=0.0) for m in MAX_TOKENS * 2],
                            use_tqdm=False)
     check_against_hf(gpu_model, gpu_prompts, reference, outs)
