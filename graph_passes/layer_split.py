@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 ENABLED = os.environ.get("CINFER_SPLIT_LAYERS", "1") != "0"
 
-_LAYER = re.compile(r"\.layers\.(\d+)(?:\.|$)")
+_LAYER = re.compile(r"\.layers(?:\.(\d+)(?=\.|$)|\[(\d+)\])")  # ".layers.3" (Dynamo's spelling) or ".layers[3]"
 
 
 @dataclass
@@ -53,7 +53,7 @@ def node_layer(node: fx.Node) -> int | None:
         return None
     path = list(stack.values())[-1][0]
     match = _LAYER.search(str(path))
-    return int(match.group(1)) if match else None
+    return int(match.group(1) or match.group(2)) if match else None
 
 
 def layer_partitions(gm: fx.GraphModule) -> dict[fx.Node, int] | None:

@@ -58,6 +58,15 @@ def test_pieces_follow_the_layers():
     assert [part for n, part in ops.items() if is_op(n, "cinfer.linear.default")][-1] == 4  # lm_head: the epilogue
 
 
+@pytest.mark.parametrize("path, layer", [("L['model'].model.layers.3.self_attn", 3), ("model.layers[12].mlp", 12),
+                                         ("L['model'].model.layers.0", 0), ("L['model'].model.norm", None),
+                                         ("L['model'].model.layers_extra.1", None), ("L['model'].lm_head", None)])
+def test_node_layer_reads_the_module_path(path, layer):
+    node = torch.fx.Graph().placeholder("x")
+    node.meta["nn_module_stack"] = {"outer": ("L['model']", object), "inner": (path, object)}
+    assert layer_split.node_layer(node) == layer
+
+
 def test_disabled_compiles_the_whole_graph(monkeypatch):
     monkeypatch.setattr(layer_split, "ENABLED", False)
     model = make_model("llama2_mha", num_hidden_layers=3)
