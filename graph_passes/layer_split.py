@@ -145,11 +145,13 @@ def _example_args(piece: fx.GraphModule, root: fx.GraphModule, fake_mode) -> lis
 
 
 def compile_by_layer(gm: fx.GraphModule, example_inputs: list,
-                     compile_piece: Callable[[fx.GraphModule, list], Callable]) -> tuple[Callable, SplitReport]:
+                     compile_piece: Callable[[fx.GraphModule, list], Callable],
+                     replication=None) -> tuple[Callable, SplitReport]:
     """Compile ``gm`` (a graph the passes rewrote; its nodes carry Dynamo's fake values) piece by piece with
     ``compile_piece(piece, fake_example_args)``, once per distinct piece. Returns the callable to run in place of
     ``gm`` and what was compiled. Falls back to ``compile_piece(gm, example_inputs)`` when disabled or when the
-    graph has no layers."""
+    graph has no layers. ``replication``: a ``layer_replication.LayerReplication`` when ``gm`` was traced over the
+    first layers of a model whose other layers run layer 1's piece (see there)."""
     report = SplitReport()
     parts = layer_partitions(gm) if ENABLED else None
     if parts is None:
@@ -170,6 +172,8 @@ def compile_by_layer(gm: fx.GraphModule, example_inputs: list,
         split.__dict__[node.target] = compiled[key]
         report.pieces += 1
     report.compiled = len(compiled)
+    if replication is not None:
+        report.pieces += replication.expand(split, example_inputs)
     logger.info("layer split: %d pieces, %d compiled (%s)", report.pieces, report.compiled,
                 ", ".join(report.piece_compiles))
     return split, report

@@ -64,6 +64,8 @@ from graph_passes.attention_metadata import AttentionMetadata
 from graph_passes.backend import compile_inner
 from graph_passes.errors import GraphRewriteError
 from graph_passes.fx_utils import op_counts
+from graph_passes import layer_split
+from graph_passes.layer_replication import TRACED_LAYERS, LayerReplication, replicable_layers, truncated_model
 from graph_passes.layer_split import SplitReport, compile_by_layer
 from graph_passes.paged_inputs import bind_paged_inputs  # noqa: F401  (registers the marker op)
 from graph_passes.pass_manager import run_passes
@@ -153,6 +155,11 @@ class PagedModel:
 
     def __init__(self, model: torch.nn.Module, k_caches: list[Tensor], v_caches: list[Tensor], inner_backend: str):
         self.model = model
+        # Dynamo traces the first two layers only when the others are interchangeable with layer 1
+        # (layer_replication); the compiled step still runs every layer.
+        self.replication = LayerReplication(model) if layer_split.ENABLED and replicable_layers(model) else None
+        self.traced_layers = TRACED_LAYERS if self.replication is not None else len(k_caches)
+        traced_model = truncated_model(model, TRACED_LAYERS) if self.replication is not None else model
         self._bind_caches(k_caches, v_caches)
         self.inner_backend = inner_backend
         self.report: dict[str, int] = {}
@@ -161,7 +168,7 @@ class PagedModel:
         self.ops_before = None
         self.ops_after = None
         self.split_report: SplitReport | None = None
-        self._step = torch.compile(_make_step(model), backend=self._backend, fullgraph=True)
+        self._step = torch.compile(_make_step(traced_model), backend=self._backend, fullgraph=True)
 
     def set_caches(self, k_caches: list[Tensor], v_caches: list[Tensor]) -> None:
         """Run over other caches from the next call on: one K and one V tensor per layer, contiguous, shaped like
@@ -183,6 +190,8 @@ class PagedModel:
     def _bind_caches(self, k_caches: list[Tensor], v_caches: list[Tensor]) -> None:
         self.k_caches = list(k_caches)
         self.v_caches = list(v_caches)
+        if self.replication is not None:
+            self.replication.bind_caches(self.k_caches, self.v_caches)
         for cache in self.k_caches + self.v_caches:
             # The number of blocks follows free device memory, so it differs between processes; as a symbol
             # it stays out of the compiled graph, and a restart hits Inductor's caches instead of recompiling.
@@ -192,14 +201,15 @@ class PagedModel:
         start = time.perf_counter()
         self.ops_before = op_counts(gm)
         example_inputs = list(example_inputs)  # the projection pass swaps in fakes for the parameters it re-pointed
-        self.report = run_passes(gm, example_inputs, num_layers=len(self.k_caches),
+        self.report = run_passes(gm, example_inputs, num_layers=self.traced_layers,
                                  model_name=type(self.model).__name__)
         self.ops_after = op_counts(gm)
         self.graph_module = gm
         self.compile_times["passes_s"] = time.perf_counter() - start
         start = time.perf_counter()
         compiled, self.split_report = compile_by_layer(
-            gm, example_inputs, lambda piece, args: compile_inner(piece, args, self.inner_backend))
+            gm, example_inputs, lambda piece, args: compile_inner(piece, args, self.inner_backend),
+            replication=self.replication)
         self.compile_times["inner_compile_s"] = time.perf_counter() - start
         return compiled
 
@@ -210,7 +220,8 @@ class PagedModel:
         args, batch = _prepare_step(input_ids, positions, meta)
         try:
             with torch.no_grad(), _no_duck_shapes():
-                logits = self._step(*args, self.k_caches, self.v_caches)
+                t = self.traced_layers
+                logits = self._step(*args, self.k_caches[:t], self.v_caches[:t])
         except torch._dynamo.exc.BackendCompilerFailed as e:
             if isinstance(e.inner_exception, GraphRewriteError):
                 raise e.inner_exception from None

@@ -111,11 +111,12 @@ def test_new_batch_compositions_do_not_recompile():
     assert stats["calls_captured"] == frames
 
 
-@pytest.mark.parametrize("inner_backend", ["eager", "inductor"])
-def test_set_caches_swaps_in_a_larger_cache_without_recompiling(inner_backend):
+@pytest.mark.parametrize("inner_backend, num_layers", [("eager", 2), ("eager", 3), ("inductor", 1)])
+def test_set_caches_swaps_in_a_larger_cache_without_recompiling(inner_backend, num_layers):
     # The engine's order on a GPU: warm up over a few blocks, then swap in the real cache. The graph must run on
-    # the new caches (the scenario writes and reads blocks the old ones do not have) without recompiling.
-    model = make_model("llama3_gqa_rope_scaling", num_hidden_layers=1 if inner_backend == "inductor" else 2)
+    # the new caches (the scenario writes and reads blocks the old ones do not have) without recompiling. With 3
+    # layers, layer 2 is not traced but replicated (layer_replication): it must follow the swap too.
+    model = make_model("llama3_gqa_rope_scaling", num_hidden_layers=num_layers)
     small_k, small_v = make_caches(model, num_blocks=4)
     paged = compile_model(model, small_k, small_v, inner_backend=inner_backend)
     driver = PagedDriver(num_blocks=4)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch._inductor.utils import fresh_inductor_cache
 
-from graph_passes import compile_model, layer_split
+from graph_passes import compile_model, layer_replication, layer_split
 from graph_passes.fx_utils import is_op
 from tests.graph_passes.tiny_models import VARIANTS, make_caches, make_model, run_scenario
 from tests.tolerances import LOGITS
@@ -29,18 +29,60 @@ def test_every_variant_reuses_its_layers(variant):
     paged = compile_model(model, *make_caches(model), inner_backend="eager")
     run_scenario(model, paged, LOGITS)
     assert (paged.split_report.pieces, paged.split_report.compiled) == (6, 4)
+    assert paged.traced_layers == 2  # layers 2 and 3 run layer 1's piece without having been traced
 
 
-def test_a_layer_that_differs_gets_its_own_compile():
-    """Pieces match only when their graphs do: a constant (here one layer's norm eps) tells them apart."""
+@pytest.mark.parametrize("replicate", [True, False], ids=["replicated", "traced"])
+def test_a_layer_that_differs_gets_its_own_compile(monkeypatch, replicate):
+    """Pieces match only when their graphs do: a constant (here one layer's norm eps) tells them apart. Such a
+    model is traced whole: its layers are not interchangeable, so none is replicated."""
+    monkeypatch.setattr(layer_replication, "ENABLED", replicate)
     model = make_model("llama_mqa", num_hidden_layers=4)
     model.model.layers[2].post_attention_layernorm.variance_epsilon = 1e-2
+    assert not layer_replication.replicable_layers(model)
     paged = compile_model(model, *make_caches(model), inner_backend="eager")
     run_scenario(model, paged, LOGITS)
+    assert paged.traced_layers == 4
     assert (paged.split_report.pieces, paged.split_report.compiled) == (6, 5)
 
 
-def test_pieces_follow_the_layers():
+def test_replicated_layers_match_traced_ones(monkeypatch):
+    """Six layers traced whole and six layers of which four are replicated give the same logits, both HF's."""
+    model = make_model("llama_tied_bias", num_hidden_layers=6)  # biases: stacked q/k/v biases are replicated too
+    assert layer_replication.replicable_layers(model)
+    replicated = compile_model(model, *make_caches(model), inner_backend="eager")
+    assert replicated.traced_layers == 2
+    steps = run_scenario(model, replicated, LOGITS)
+    monkeypatch.setattr(layer_replication, "ENABLED", False)
+    traced = compile_model(model, *make_caches(model), inner_backend="eager")
+    assert traced.traced_layers == 6
+    assert run_scenario(model, traced, LOGITS) == steps
+    for paged in (replicated, traced):
+        assert (paged.split_report.pieces, paged.split_report.compiled) == (8, 4)
+    # every layer wrote its own cache, replicated ones included
+    for k in replicated.k_caches:
+        assert not k.isnan().all()
+
+
+def test_truncated_model_leaves_the_model_alone():
+    model = make_model("mistral", num_hidden_layers=5)
+    layers = list(model.model.layers)
+    short = layer_replication.truncated_model(model, 2)
+    assert len(short.model.layers) == 2 and short.model.layers[1] is layers[1]
+    assert short.lm_head is model.lm_head and short.model.embed_tokens is model.model.embed_tokens
+    assert list(model.model.layers) == layers and model.model is not short.model
+    assert dict(model.named_parameters()).keys() >= dict(short.named_parameters()).keys()
+
+
+def test_layer_types_that_differ_are_not_replicated():
+    model = make_model("qwen2", num_hidden_layers=4)
+    assert layer_replication.replicable_layers(model)
+    model.config.layer_types = ["full_attention", "full_attention", "sliding_attention", "full_attention"]
+    assert not layer_replication.replicable_layers(model)
+
+
+def test_pieces_follow_the_layers(monkeypatch):
+    monkeypatch.setattr(layer_replication, "ENABLED", False)  # trace all three layers
     model = make_model("qwen2", num_hidden_layers=3)
     paged = compile_model(model, *make_caches(model), inner_backend="eager")
     run_scenario(model, paged, LOGITS)

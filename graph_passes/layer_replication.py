@@ -1,0 +1,196 @@
+"""Trace two decoder layers, run all of them: Dynamo's tracing without the cost of N identical layers.
+
+Once ``layer_split`` compiles each distinct layer once, what is left of a start-up is mostly Dynamo's bytecode
+tracing of the model's Python, in proportion to the number of layers (7-11 s of a Llama-3-8B start-up on an H100
+host, with warm compile caches most of the start-up).
+
+When layers 1 to N-1 of a model are interchangeable (``replicable_layers``: the same classes, parameter shapes,
+hooks and plain attributes, ``layer_idx`` aside, and one layer type), ``PagedModel`` lets Dynamo trace
+``truncated_model``: a shallow copy of the model whose layer list holds layers 0 and 1 only (the user's model is not
+touched; the copy shares its modules and parameters). The passes rewrite those two layers and ``layer_split``
+compiles the pieces. ``LayerReplication.expand`` then adds, after layer 1's call, a call of layer 1's compiled
+piece for each of layers 2 to N-1, with that layer's own parameters (its projections stacked as the passes
+stacked layer 1's), its own KV caches and the previous layer's outputs, and feeds the last one to the epilogue.
+The compiled step thus runs all N layers; Dynamo and the passes saw two.
+
+Layer 0 is traced too because it differs (its first norm has no residual to add). Anything in a layer's forward
+that depends on its index other than through its parameters and caches would be wrong to replicate: such models
+are traced whole (``replicable_layers`` checks the configuration's ``layer_types`` and every module's plain
+attributes), and the tests compare all layers' logits with HF's on models whose layers have different weights.
+"""
+import copy
+import operator
+import os
+import re
+
+import torch
+from torch import Tensor, fx, nn
+
+from graph_passes.fuse_projections_pass import stacked_parameters
+
+ENABLED = os.environ.get("CINFER_REPLICATE_LAYERS", "1") != "0"
+
+TRACED_LAYERS = 2
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """``model.model.layers`` (Llama, Mistral, Qwen2 causal LMs), or None."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+def _module_signature(layer: nn.Module) -> list:
+    signature = []
+    for name, module in layer.named_modules():
+        attrs = sorted((k, v) for k, v in vars(module).items()
+                       if not k.startswith("_") and k not in ("layer_idx", "training") and isinstance(v, _SIMPLE))
+        params = [(n, tuple(p.shape), p.dtype, p.device, p.requires_grad)
+                  for n, p in module.named_parameters(recurse=False)]
+        buffers = [(n, tuple(b.shape), b.dtype, b.device) for n, b in module.named_buffers(recurse=False)]
+        hooks = tuple(len(getattr(module, h)) for h in ("_forward_hooks", "_forward_pre_hooks"))
+        signature.append((name, type(module), attrs, params, buffers, hooks))
+    return signature
+
+
+def replicable_layers(model: nn.Module) -> bool:
+    """True when the model has more than ``TRACED_LAYERS`` decoder layers and layers 1 to N-1 are interchangeable."""
+    layers = decoder_layers(model)
+    if not ENABLED or layers is None or len(layers) <= TRACED_LAYERS:
+        return False
+    layer_types = getattr(model.config, "layer_types", None)
+    if layer_types and len(set(layer_types)) > 1:
+        return False
+    template = _module_signature(layers[1])
+    return all(_module_signature(layer) == template for layer in layers[2:])
+
+
+def truncated_model(model: nn.Module, num_layers: int = TRACED_LAYERS) -> nn.Module:
+    """A shallow copy of ``model`` whose decoder-layer list holds its first ``num_layers`` layers. Modules,
+    parameters and configuration are shared; the original's module tree is unchanged."""
+    outer = copy.copy(model)
+    outer.__dict__["_modules"] = dict(model._modules)
+    inner = copy.copy(model.model)
+    inner.__dict__["_modules"] = dict(model.model._modules)
+    inner._modules["layers"] = nn.ModuleList(list(model.model.layers)[:num_layers])
+    outer._modules["model"] = inner
+    return outer
+
+
+def _outputs(call: fx.Node) -> dict:
+    """Output index -> the node reading it, for a call_module node of a split graph (None: the call's only value)."""
+    getitems = {u.args[1]: u for u in call.users if u.op == "call_function" and u.target is operator.getitem}
+    return getitems if getitems else {None: call}
+
+
+class LayerReplication:
+    """Extends a split step graph traced over ``TRACED_LAYERS`` layers to all of ``model``'s layers."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.num_layers = len(decoder_layers(model))
+        self._param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        self._graphs: list[fx.GraphModule] = []
+        self._caches: tuple[list[Tensor], list[Tensor]] | None = None
+
+    def bind_caches(self, k_caches: list[Tensor], v_caches: list[Tensor]) -> None:
+        """The caches the replicated layers read (their calls fetch them from attributes of the split graph)."""
+        self._caches = (list(k_caches), list(v_caches))
+        for split in self._graphs:
+            self._set_caches(split)
+
+    def _set_caches(self, split: fx.GraphModule) -> None:
+        k_caches, v_caches = self._caches
+        for layer in range(TRACED_LAYERS, self.num_layers):
+            for name, cache in ((f"cinfer_k_cache_{layer}", k_caches[layer]), (f"cinfer_v_cache_{layer}", v_caches[layer])):
+                if name in split._buffers:
+                    split._buffers[name] = cache
+                else:
+                    split.register_buffer(name, cache, persistent=False)
+
+    def _stacked_group(self, stacked: Tensor, layer_prefix: str) -> list[str] | None:
+        """Names (below ``layer_prefix``) of the parameters the projection pass stacked into ``stacked``, in order."""
+        storage = stacked.untyped_storage().data_ptr()
+        members = [(p.storage_offset(), n[len(layer_prefix):]) for n, p in self.model.named_parameters()
+                   if n.startswith(layer_prefix) and p.untyped_storage().data_ptr() == storage]
+        return [name for _, name in sorted(members)] or None
+
+    def expand(self, split: fx.GraphModule, example_inputs: list) -> int:
+        """Add the calls of layers ``TRACED_LAYERS`` to N-1 to ``split`` (from ``split_module``, its pieces named
+        ``submod_<layer + 1>``); returns how many were added."""
+        graph = split.graph
+        calls = {node.target: node for node in graph.find_nodes(op="call_module")}
+        first, template, epilogue = calls.get("submod_1"), calls.get("submod_2"), calls.get("submod_3")
+        if first is None or template is None or epilogue is None or len(calls) != 4:
+            raise RuntimeError(f"layer replication: expected a prologue, two layers and an epilogue, got pieces "
+                               f"{sorted(calls)}")
+        values = dict(zip(graph.find_nodes(op="placeholder"), example_inputs))
+        k_caches, v_caches = self._caches
+        prefix = "model.layers.1."
+        first_outputs = {node: index for index, node in _outputs(first).items()}
+        template_outputs = _outputs(template)
+        if set(template_outputs) != set(first_outputs.values()):
+            raise RuntimeError("layer replication: layers 0 and 1 return different outputs")
+
+        # How each input of layer 1's call maps to layer k's.
+        plan = []
+        for arg in template.args:
+            if arg in first_outputs:
+                plan.append(("previous", first_outputs[arg]))
+            elif arg.op == "placeholder" and isinstance(values.get(arg), Tensor):
+                value = values[arg]
+                name = self._param_names.get(id(value))
+                if value is k_caches[1] or value is v_caches[1]:
+                    plan.append(("cache", "k" if value is k_caches[1] else "v"))
+                elif name is not None and name.startswith(prefix):
+                    plan.append(("parameter", name[len(prefix):]))
+                elif name is not None and ".layers." in name:
+                    raise RuntimeError(f"layer replication: layer 1 reads another layer's parameter {name}")
+                else:
+                    plan.append(("shared", arg))
+            elif arg.op == "get_attr":
+                group = self._stacked_group(getattr(split, arg.target), prefix)
+                if group is None:
+                    raise RuntimeError(f"layer replication: no layer-1 parameters behind {arg.target}")
+                plan.append(("stacked", tuple(group)))
+            else:
+                plan.append(("shared", arg))
+
+        if self._caches is None:
+            raise RuntimeError("layer replication: bind_caches first")
+        self._set_caches(split)
+        previous = template_outputs
+        with graph.inserting_before(epilogue):
+            for layer in range(TRACED_LAYERS, self.num_layers):
+                layer_prefix = f"model.layers.{layer}."
+                args = []
+                for kind, what in plan:
+                    if kind == "previous":
+                        args.append(previous[what])
+                    elif kind == "cache":
+                        args.append(graph.get_attr(f"cinfer_{what}_cache_{layer}"))
+                    elif kind == "parameter":
+                        attr = f"cinfer_layer_{layer}_" + re.sub(r"\W", "_", what)
+                        split.register_buffer(attr, self.model.get_parameter(layer_prefix + what), persistent=False)
+                        args.append(graph.get_attr(attr))
+                    elif kind == "stacked":
+                        attr = f"cinfer_layer_{layer}_stacked_" + re.sub(r"\W", "_", what[0])
+                        stacked, _ = stacked_parameters([self.model.get_parameter(layer_prefix + n) for n in what])
+                        split.register_buffer(attr, stacked, persistent=False)
+                        args.append(graph.get_attr(attr))
+                    else:
+                        args.append(what)
+                # runs layer 1's compiled piece, which layer_split put in the instance dict over the submodule
+                call = graph.create_node("call_module", template.target, tuple(args))
+                previous = ({None: call} if None in template_outputs else
+                            {index: graph.call_function(operator.getitem, (call, index)) for index in template_outputs})
+        # Layer 1's outputs now feed layer 2 only; whatever read them after it (the epilogue) reads layer N-1's.
+        last = {template_outputs[index]: node for index, node in previous.items()}
+        node = epilogue
+        while node is not None and node.op != "root":
+            node.args = fx.node.map_arg(node.args, lambda n: last.get(n, n))
+            node.kwargs = fx.node.map_arg(node.kwargs, lambda n: last.get(n, n))
+            node = node.next
+        split.recompile()
+        self._graphs.append(split)
+        return self.num_layers - TRACED_LAYERS
