@@ -18,7 +18,8 @@ kernels as the whole-graph compile, since every layer-crossing value was already
 (the residual add lives in ``cinfer.fused_add_rms_norm``); outside CUDA graphs a step makes one Python call per piece.
 
 ``CINFER_SPLIT_LAYERS=0`` (or ``layer_split.ENABLED = False``) compiles the whole graph at once instead, as does a
-graph in which no node belongs to a numbered layer.
+graph in which no node belongs to a numbered layer. ``layer_replication`` builds on the split: Dynamo traces two
+layers, and the others run layer 1's piece.
 """
 import logging
 import os

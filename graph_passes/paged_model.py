@@ -22,6 +22,11 @@ piece by piece: ``layer_split`` cuts it into prologue, one piece per decoder lay
 distinct piece once (four compiles for a Llama model of any depth). Everything stays inside one ``torch.compile``;
 the caches are written in place through the ops' ``Tensor(a!)`` arguments.
 
+When the model's layers 1 to N-1 are interchangeable (``layer_replication``), ``model`` above is a shallow copy
+holding layers 0 and 1 only, and the step passes their two caches: Dynamo traces and the passes rewrite two layers,
+and the compiled step calls layer 1's compiled piece once more for each further layer, with that layer's weights
+and caches. The user's model is not modified.
+
 Dynamic shapes (the rules the runtime relies on)
 ------------------------------------------------
 One graph serves every mix of prefill and decode sequences. ``PagedModel.__call__`` marks dynamic: the token dim
@@ -150,7 +155,9 @@ class PagedModel:
 
     Attributes: ``report`` (sites rewritten per pass, filled by the first call), ``graph_module`` (the rewritten
     FX graph, before ``layer_split`` cut it into pieces for the inner backend), ``ops_before`` / ``ops_after`` (op
-    counts of the Dynamo graph), ``split_report`` (pieces, and how many were compiled; see ``layer_split``).
+    counts of the Dynamo graph), ``split_report`` (pieces, and how many were compiled; see ``layer_split``),
+    ``traced_layers`` (the layers Dynamo traced, which those figures count: 2 when ``replication`` runs the others,
+    see ``layer_replication``).
     """
 
     def __init__(self, model: torch.nn.Module, k_caches: list[Tensor], v_caches: list[Tensor], inner_backend: str):
