@@ -4,8 +4,8 @@ Once ``layer_split`` compiles each distinct layer once, what is left of a start-
 tracing of the model's Python, in proportion to the number of layers (7-11 s of a Llama-3-8B start-up on an H100
 host, with warm compile caches most of the start-up).
 
-When layers 1 to N-1 of a model are interchangeable (``replicable_layers``: the same classes, parameter shapes,
-hooks and plain attributes, ``layer_idx`` aside, and one layer type), ``PagedModel`` lets Dynamo trace
+When layers 1 to N-1 of a model are interchangeable (``replicable_layers``: the same classes, parameter shapes and
+plain attributes, ``layer_idx`` aside, one layer type, and no module hooks), ``PagedModel`` lets Dynamo trace
 ``truncated_model``: a shallow copy of the model whose layer list holds layers 0 and 1 only (the user's model is not
 touched; the copy shares its modules and parameters). The passes rewrite those two layers and ``layer_split``
 compiles the pieces. ``LayerReplication.expand`` then adds, after layer 1's call, a call of layer 1's compiled
@@ -48,9 +48,21 @@ def _module_signature(layer: nn.Module) -> list:
         params = [(n, tuple(p.shape), p.dtype, p.device, p.requires_grad)
                   for n, p in module.named_parameters(recurse=False)]
         buffers = [(n, tuple(b.shape), b.dtype, b.device) for n, b in module.named_buffers(recurse=False)]
-        hooks = tuple(len(getattr(module, h)) for h in ("_forward_hooks", "_forward_pre_hooks"))
-        signature.append((name, type(module), attrs, params, buffers, hooks))
+        signature.append((name, type(module), attrs, params, buffers))
     return signature
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _has_hooks(layers: nn.ModuleList) -> bool:
+    """Hooks on a layer's modules (or global module hooks), or a forward replaced on an instance (as accelerate's
+    device-map and offload hooks do), would run only for the traced layers: such models are traced whole."""
+    from torch.nn.modules import module as module_mod
+    if any(getattr(module_mod, f"_global{h}", None) for h in _HOOKS):
+        return True
+    return any(getattr(m, h, None) or "forward" in vars(m) or hasattr(m, "_hf_hook")
+               for layer in layers for m in layer.modules() for h in _HOOKS)
 
 
 def replicable_layers(model: nn.Module) -> bool:
@@ -59,7 +71,7 @@ def replicable_layers(model: nn.Module) -> bool:
     if not ENABLED or layers is None or len(layers) <= TRACED_LAYERS:
         return False
     layer_types = getattr(model.config, "layer_types", None)
-    if layer_types and len(set(layer_types)) > 1:
+    if (layer_types and len(set(layer_types)) > 1) or _has_hooks(layers):
         return False
     template = _module_signature(layers[1])
     return all(_module_signature(layer) == template for layer in layers[2:])

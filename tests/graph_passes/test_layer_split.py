@@ -74,6 +74,24 @@ def test_truncated_model_leaves_the_model_alone():
     assert dict(model.named_parameters()).keys() >= dict(short.named_parameters()).keys()
 
 
+def test_a_model_with_hooks_is_traced_whole():
+    """A hook on any layer would run for the traced layers only."""
+    model = make_model("llama_mqa", num_hidden_layers=4)
+    assert layer_replication.replicable_layers(model)
+    seen = []
+    handle = model.model.layers[3].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert not layer_replication.replicable_layers(model)
+    paged = compile_model(model, *make_caches(model), inner_backend="eager")
+    run_scenario(model, paged, LOGITS)
+    assert paged.traced_layers == 4 and seen
+    handle.remove()
+    assert layer_replication.replicable_layers(model)
+    # a forward replaced on an instance (accelerate's hooks do that) counts as a hook
+    mlp = model.model.layers[2].mlp
+    mlp.forward = type(mlp).forward.__get__(mlp)
+    assert not layer_replication.replicable_layers(model)
+
+
 def test_layer_types_that_differ_are_not_replicated():
     model = make_model("qwen2", num_hidden_layers=4)
     assert layer_replication.replicable_layers(model)
