@@ -61,6 +61,19 @@ def test_greedy_matches_hf_under_heavy_preemption(small_cache_engine, prompts, r
     assert bm.num_free_blocks == bm.num_blocks
 
 
+@pytest.mark.parametrize("inner_backend", ["eager", "inductor"])
+def test_deep_model_with_replicated_layers_matches_hf(prompts, inner_backend):
+    """Five layers: Dynamo traces two, layers 2-4 run layer 1's compiled piece (graph_passes.layer_replication),
+    each with its own weights and KV cache, under chunked prefill."""
+    deep = tiny_llama(seed=1, num_hidden_layers=5)
+    expected = [hf_greedy(deep, p, m) for p, m in zip(prompts, MAX_TOKENS)]
+    engine = cinfer_runtime.compile(deep, block_size=BLOCK_SIZE, num_kv_blocks=64, max_num_seqs=8,
+                                    max_num_batched_tokens=32, inner_backend=inner_backend)
+    assert engine.paged_model.traced_layers == 2
+    assert (engine.paged_model.split_report.pieces, engine.paged_model.split_report.compiled) == (7, 4)
+    assert [o.token_ids for o in generate_greedy(engine, prompts)] == expected
+
+
 def test_one_sequence_at_a_time_matches_hf(model, prompts, reference):
     # max_num_seqs=1 (the batch-1 benchmark's setting): requests run strictly one after another.
     engine = cinfer_runtime.compile(model, block_size=BLOCK_SIZE, num_kv_blocks=16, max_num_seqs=1,
