@@ -114,7 +114,8 @@ class LayerReplication:
     def _set_caches(self, split: fx.GraphModule) -> None:
         k_caches, v_caches = self._caches
         for layer in range(TRACED_LAYERS, self.num_layers):
-            for name, cache in ((f"cinfer_k_cache_{layer}", k_caches[layer]), (f"cinfer_v_cache_{layer}", v_caches[layer])):
+            for kind, cache in (("k", k_caches[layer]), ("v", v_caches[layer])):
+                name = f"cinfer_{kind}_cache_{layer}"
                 if name in split._buffers:
                     split._buffers[name] = cache
                 else:
@@ -136,6 +137,8 @@ class LayerReplication:
         if first is None or template is None or epilogue is None or len(calls) != 4:
             raise RuntimeError(f"layer replication: expected a prologue, two layers and an epilogue, got pieces "
                                f"{sorted(calls)}")
+        if self._caches is None:
+            raise RuntimeError("layer replication: bind_caches first")
         values = dict(zip(graph.find_nodes(op="placeholder"), example_inputs))
         k_caches, v_caches = self._caches
         prefix = "model.layers.1."
@@ -147,7 +150,9 @@ class LayerReplication:
         # How each input of layer 1's call maps to layer k's.
         plan = []
         for arg in template.args:
-            if arg in first_outputs:
+            if not isinstance(arg, fx.Node):
+                plan.append(("shared", arg))
+            elif arg in first_outputs:
                 plan.append(("previous", first_outputs[arg]))
             elif arg.op == "placeholder" and isinstance(values.get(arg), Tensor):
                 value = values[arg]
@@ -168,8 +173,6 @@ class LayerReplication:
             else:
                 plan.append(("shared", arg))
 
-        if self._caches is None:
-            raise RuntimeError("layer replication: bind_caches first")
         self._set_caches(split)
         previous = template_outputs
         with graph.inserting_before(epilogue):
