@@ -155,6 +155,10 @@ def compile_by_layer(gm: fx.GraphModule, example_inputs: list,
     first layers of a model whose other layers run layer 1's piece (see there)."""
     report = SplitReport()
     parts = layer_partitions(gm) if ENABLED else None
+    if parts is None and replication is not None:
+        # the graph holds only the traced layers: compiled whole, it would skip the others
+        raise RuntimeError("layer split: a graph traced over some of the layers must be split (ENABLED changed "
+                           "between compile_model and its first call?)")
     if parts is None:
         report.pieces = report.compiled = 1
         report.piece_compiles.append("whole graph")

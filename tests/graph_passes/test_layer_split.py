@@ -127,6 +127,16 @@ def test_node_layer_reads_the_module_path(path, layer):
     assert layer_split.node_layer(node) == layer
 
 
+def test_a_traced_prefix_is_never_compiled_whole(monkeypatch):
+    """Compiled whole, a graph traced over two of four layers would silently skip two: that must fail loudly."""
+    model = make_model("llama2_mha", num_hidden_layers=4)
+    paged = compile_model(model, *make_caches(model), inner_backend="eager")
+    assert paged.traced_layers == 2
+    monkeypatch.setattr(layer_split, "ENABLED", False)
+    with pytest.raises(Exception, match="must be split"):
+        run_scenario(model, paged, LOGITS)
+
+
 def test_disabled_compiles_the_whole_graph(monkeypatch):
     monkeypatch.setattr(layer_split, "ENABLED", False)
     model = make_model("llama2_mha", num_hidden_layers=3)
