@@ -23,9 +23,9 @@ import operator
 import os
 import re
 
-import torch
 from torch import Tensor, fx, nn
 
+from graph_passes import layer_split
 from graph_passes.fuse_projections_pass import stacked_parameters
 
 ENABLED = os.environ.get("CINFER_REPLICATE_LAYERS", "1") != "0"
@@ -68,7 +68,8 @@ def _has_hooks(layers: nn.ModuleList) -> bool:
 def replicable_layers(model: nn.Module) -> bool:
     """True when the model has more than ``TRACED_LAYERS`` decoder layers and layers 1 to N-1 are interchangeable."""
     layers = decoder_layers(model)
-    if not ENABLED or layers is None or len(layers) <= TRACED_LAYERS:
+    # the other layers run as calls added to the split graph (a graph compiled whole has no layer pieces)
+    if not (ENABLED and layer_split.ENABLED) or layers is None or len(layers) <= TRACED_LAYERS:
         return False
     layer_types = getattr(model.config, "layer_types", None)
     if (layer_types and len(set(layer_types)) > 1) or _has_hooks(layers):

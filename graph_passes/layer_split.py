@@ -131,16 +131,14 @@ def piece_key(piece: fx.GraphModule, example_args: list) -> str:
     return repr(items)
 
 
-def _example_args(piece: fx.GraphModule, root: fx.GraphModule, fake_mode) -> list:
-    """Fake values of a piece's inputs (``split_module`` copies each producing node's meta onto its placeholder)."""
+def _example_args(piece: fx.GraphModule) -> list:
+    """Fake values of a piece's inputs: ``split_module`` copies each producing node's meta onto its placeholder, and
+    the passes leave a fake value on every node (``fx_utils.passes_deferred``)."""
     args = []
     for node in piece.graph.find_nodes(op="placeholder"):
         value = node.meta.get("example_value", node.meta.get("val"))
         if value is None:
-            attr = getattr(root, node.target, None)  # a get_attr tensor of the unsplit graph
-            if not isinstance(attr, torch.Tensor) or fake_mode is None:
-                raise RuntimeError(f"layer split: no example value for the input {node.target!r} of a piece")
-            value = fake_mode.from_tensor(attr)
+            raise RuntimeError(f"layer split: no example value for the input {node.target!r} of a piece")
         args.append(value)
     return args
 
@@ -163,12 +161,11 @@ def compile_by_layer(gm: fx.GraphModule, example_inputs: list,
         report.pieces = report.compiled = 1
         report.piece_compiles.append("whole graph")
         return compile_piece(gm, example_inputs), report
-    fake_mode = torch._guards.detect_fake_mode(example_inputs)
     split = split_module(gm, None, lambda node: parts[node], keep_original_order=True)
     compiled: dict[str, Callable] = {}
     for node in split.graph.find_nodes(op="call_module"):
         piece = getattr(split, node.target)
-        args = _example_args(piece, gm, fake_mode)
+        args = _example_args(piece)
         key = piece_key(piece, args)
         if key not in compiled:
             compiled[key] = compile_piece(piece, args)

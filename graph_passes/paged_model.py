@@ -69,7 +69,6 @@ from graph_passes.attention_metadata import AttentionMetadata
 from graph_passes.backend import compile_inner
 from graph_passes.errors import GraphRewriteError
 from graph_passes.fx_utils import op_counts
-from graph_passes import layer_split
 from graph_passes.layer_replication import TRACED_LAYERS, LayerReplication, replicable_layers, truncated_model
 from graph_passes.layer_split import SplitReport, compile_by_layer
 from graph_passes.paged_inputs import bind_paged_inputs  # noqa: F401  (registers the marker op)
@@ -164,7 +163,7 @@ class PagedModel:
         self.model = model
         # Dynamo traces the first two layers only when the others are interchangeable with layer 1
         # (layer_replication); the compiled step still runs every layer.
-        self.replication = LayerReplication(model) if layer_split.ENABLED and replicable_layers(model) else None
+        self.replication = LayerReplication(model) if replicable_layers(model) else None
         self.traced_layers = TRACED_LAYERS if self.replication is not None else len(k_caches)
         traced_model = truncated_model(model, TRACED_LAYERS) if self.replication is not None else model
         self._bind_caches(k_caches, v_caches)
