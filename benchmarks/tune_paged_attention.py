@@ -227,7 +227,7 @@ KNOB_GROUPS = {  # stage 2 transplants each group as a unit
     "merge": ("merge", "direct_single_split"),
 }
 _SHORT = dict(partition_size="part", programs_per_sm="pps", min_partition="minp", max_splits="maxs",
-              grid_order="order", merge="merge", direct_single_split="direct")
+              grid_order="order", merge="merge", direct_single_split="direct", schedule="sched")
 
 
 def label(cfg: DecodeConfig) -> str:
@@ -268,6 +268,20 @@ def decode_sweep_candidates() -> list[DecodeConfig]:
             for merge in ("group", "fused") for order in ("token", "split")]
     out += [dataclasses.replace(references[0], merge="fused"), dataclasses.replace(references[0], direct_single_split=True)]
     return list(dict.fromkeys(out))  # drop repeats, keep the order
+
+
+def balanced_candidates() -> list[DecodeConfig]:
+    """The persistent, evenly split decode grid (DecodeConfig.schedule "balanced") against the default: programs
+    per SM from 1 to 6 on the tilings that fit 1-3 programs per SM, block-table reads per key or per page, and a
+    smaller least share per program."""
+    out = [DECODE_CONFIGS[128]]
+    for block_n, warps, stages in [(128, 4, 2), (64, 4, 2), (64, 4, 5), (128, 8, 2)]:
+        for pps in (1, 2, 3, 4, 6):
+            out.append(DecodeConfig(block_n, warps, stages, programs_per_sm=pps, schedule="balanced"))
+    for pps in (2, 3):
+        out.append(DecodeConfig(128, 4, 2, programs_per_sm=pps, kv_gather="page", schedule="balanced"))
+        out.append(DecodeConfig(128, 4, 2, programs_per_sm=pps, min_partition=128, schedule="balanced"))
+    return list(dict.fromkeys(out))
 
 
 def decode_inputs(shape: DecodeShape, dtype: torch.dtype, device: str, seed: int = 0, num_blocks: int | None = None):
@@ -516,7 +530,7 @@ def decode_sweep(opts):
     dtype = getattr(torch, opts.dtype)
     shapes = SMOKE_SHAPES if opts.smoke else SWEEP_SHAPES
     jobs = opts.jobs if opts.jobs is not None else (min(8, max(1, (os.cpu_count() or 2) - 2)) if DEVICE == "cuda" else 0)
-    candidates = decode_sweep_candidates()
+    candidates = balanced_candidates() if opts.candidates == "balanced" else decode_sweep_candidates()
     if opts.limit:
         candidates = candidates[:opts.limit]
     if opts.smoke:  # partitions scaled to the tiny contexts, so that splits and their merges run too
@@ -638,6 +652,8 @@ def main():
     parser.add_argument("--decode-sweep", action="store_true", help="the split-KV kernel's knobs and variants")
     parser.add_argument("--smoke", action="store_true", help="decode sweep at tiny shapes (runs on CPU)")
     parser.add_argument("--jobs", type=int, help="decode sweep compile workers (default: 8 on a GPU, 0 on CPU)")
+    parser.add_argument("--candidates", choices=["all", "balanced"], default="all",
+                        help="decode sweep: the full stage-1 list, or the balanced schedule against the default")
     parser.add_argument("--limit", type=int, help="decode sweep: only the first N stage-1 candidates")
     parser.add_argument("--budget-s", type=float, default=420,
                         help="decode sweep: skip stage 2 / the final re-timing once this many seconds have passed")
