@@ -284,6 +284,18 @@ def balanced_candidates() -> list[DecodeConfig]:
     return list(dict.fromkeys(out))
 
 
+def split_candidates() -> list[DecodeConfig]:
+    """How many programs a decode step should have: the default tiling with fixed partitions from 512 keys to
+    32768 (one split at every issue shape), and the balanced schedule with its least share per program set so
+    that shares fall on (token, kv head) boundaries at the issue shapes or cut them."""
+    base = DECODE_CONFIGS[128]
+    out = [base] + [dataclasses.replace(base, partition_size=p) for p in (512, 1024, 2048, 4096, 8192, 16384, 32768)]
+    balanced = DecodeConfig(128, 4, 2, schedule="balanced")
+    out += [dataclasses.replace(balanced, programs_per_sm=pps, min_partition=minp)
+            for pps, minp in ((4, 512), (2, 4096), (3, 4096), (8, 2048), (16, 1024), (5, 512))]
+    return list(dict.fromkeys(out))
+
+
 def decode_inputs(shape: DecodeShape, dtype: torch.dtype, device: str, seed: int = 0, num_blocks: int | None = None):
     """paged_attention arguments for one decode step. num_blocks=None: the caches hold exactly the needed blocks,
     in a random physical order; an int: a cache of that many blocks that every table entry points into (same
@@ -530,7 +542,7 @@ def decode_sweep(opts):
     dtype = getattr(torch, opts.dtype)
     shapes = SMOKE_SHAPES if opts.smoke else SWEEP_SHAPES
     jobs = opts.jobs if opts.jobs is not None else (min(8, max(1, (os.cpu_count() or 2) - 2)) if DEVICE == "cuda" else 0)
-    candidates = balanced_candidates() if opts.candidates == "balanced" else decode_sweep_candidates()
+    candidates = dict(all=decode_sweep_candidates, balanced=balanced_candidates, splits=split_candidates)[opts.candidates]()
     if opts.limit:
         candidates = candidates[:opts.limit]
     if opts.smoke:  # partitions scaled to the tiny contexts, so that splits and their merges run too
@@ -652,8 +664,9 @@ def main():
     parser.add_argument("--decode-sweep", action="store_true", help="the split-KV kernel's knobs and variants")
     parser.add_argument("--smoke", action="store_true", help="decode sweep at tiny shapes (runs on CPU)")
     parser.add_argument("--jobs", type=int, help="decode sweep compile workers (default: 8 on a GPU, 0 on CPU)")
-    parser.add_argument("--candidates", choices=["all", "balanced"], default="all",
-                        help="decode sweep: the full stage-1 list, or the balanced schedule against the default")
+    parser.add_argument("--candidates", choices=["all", "balanced", "splits"], default="all",
+                        help="decode sweep: the full stage-1 list, the balanced schedule against the default, or "
+                             "the number of programs (split sizes) of both schedules")
     parser.add_argument("--limit", type=int, help="decode sweep: only the first N stage-1 candidates")
     parser.add_argument("--budget-s", type=float, default=420,
                         help="decode sweep: skip stage 2 / the final re-timing once this many seconds have passed")
