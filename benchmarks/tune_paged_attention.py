@@ -291,8 +291,10 @@ def split_candidates() -> list[DecodeConfig]:
     base = DECODE_CONFIGS[128]
     out = [base] + [dataclasses.replace(base, partition_size=p) for p in (512, 1024, 2048, 4096, 8192, 16384, 32768)]
     balanced = DecodeConfig(128, 4, 2, schedule="balanced")
+    # (programs per SM, least keys per program): at b64 @ 4096 and b8 @ 32768 (16384 tiles of 128 keys), 4 per SM
+    # give every program 32 tiles, on (token, kv head) boundaries; 33, 34 and 40 tiles cut them with fewer programs.
     out += [dataclasses.replace(balanced, programs_per_sm=pps, min_partition=minp)
-            for pps, minp in ((4, 512), (2, 4096), (3, 4096), (8, 2048), (16, 1024), (5, 512))]
+            for pps, minp in ((4, 512), (4, 33 * 128), (4, 34 * 128), (4, 40 * 128), (3, 512), (8, 2048), (5, 512))]
     return list(dict.fromkeys(out))
 
 
@@ -611,6 +613,12 @@ def decode_sweep(opts):
             print(f"\n== final re-timing: median of {FINAL_ROUNDS} rounds interleaved with SDPA (spread: max/min - 1)")
             print_table(final, ["shape", "config", "ms", "pct_copy", "vs_sdpa", "spread", "note"])
         summary(rows, final, single, shape_names, label(candidates[0]), configs_by_label, result)
+        result["kernels"] = kernel_resources()
+        print("\n== compiled decode kernels")
+        for k in result["kernels"]:
+            print("  " + " ".join(f"{key}={value}" for key, value in k.items() if key in (
+                "kernel", "regs", "spills", "shared", "warps", "stages", "programs_per_sm", "BLOCK_N", "SPLIT",
+                "GRID_ORDER", "MERGE", "error")))
         save(rows=rows)
     except SweepAborted as e:
         print(f"\nsweep aborted after a CUDA error (the context is lost): {e}")
@@ -619,6 +627,39 @@ def decode_sweep(opts):
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     print(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
+
+
+def kernel_resources() -> list[dict]:
+    """Registers, spills, shared memory and the resident programs per SM that follow from them, of every decode
+    kernel variant this process compiled (read off Triton's in-memory caches; empty where it keeps them
+    elsewhere)."""
+    import importlib
+
+    import triton
+    pa = importlib.import_module("cinfer_ops.paged_attention")  # the module, not the op of the same name
+    props = torch.cuda.get_device_properties(0) if DEVICE == "cuda" else None
+    out = []
+    for fn in (pa._decode_kernel, pa._decode_balanced_kernel):
+        for caches in getattr(fn, "device_caches", {}).values():
+            for kernel in caches[0].values():
+                try:
+                    kernel._init_handles()
+                    meta = kernel.metadata
+                    warps, shared, regs = meta.num_warps, meta.shared, kernel.n_regs
+                    constants = {k: v for k, v in getattr(kernel.src, "constants", {}).items()
+                                 if isinstance(v, (int, bool))}
+                    row = dict(kernel=fn.__name__, regs=regs, spills=kernel.n_spills, shared=shared,
+                               warps=warps, stages=meta.num_stages,
+                               **{str(k[0] if isinstance(k, tuple) else k): v for k, v in constants.items()})
+                    if props is not None:
+                        by_regs = props.regs_per_multiprocessor // max(1, triton.cdiv(regs * 32, 256) * 256 * warps)
+                        by_shared = props.shared_memory_per_multiprocessor // (shared + 1024)
+                        by_warps = props.max_threads_per_multi_processor // (32 * warps)
+                        row["programs_per_sm"] = min(by_regs, by_shared, by_warps, 32)
+                    out.append(row)
+                except Exception as e:  # diagnostics only
+                    out.append(dict(kernel=fn.__name__, error=f"{type(e).__name__}: {e}"[:200]))
+    return out
 
 
 def summary(rows, final, single, shape_names, default_name, configs_by_label, result):

@@ -408,7 +408,7 @@ def test_split_kv_variants_cuda(case, block_n, num_stages, variant, partition):
     while block_n > 16 and 2 * block_n * d_pad * elem * max(1, (num_stages - 1) // 2) > 96 * 1024:
         block_n //= 2  # K and V buffers within shared memory
     args = build(case, "cuda")
-    cfg = DecodeConfig(block_n, 4, num_stages, partition, min_partition=64, **variant)
+    cfg = DecodeConfig(block_n, 4, num_stages, partition, **(dict(min_partition=64) | variant))
     check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
 
 
