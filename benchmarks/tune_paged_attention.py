@@ -23,8 +23,9 @@ runs. Worker processes compile every candidate first (into Triton's on-disk cach
     PYTHONPATH=. python benchmarks/tune_paged_attention.py --decode-sweep --smoke --out /tmp/tune  # CPU, tiny shapes
 
 Prints per-shape tables and a summary (ms, % of copy bandwidth over the K/V bytes, ratio to SDPA, best config per
-shape and the best single config over all three), and writes ``tune_decode_sweep.json`` into ``--out`` after each
-stage.
+shape and the best single config over all three), and the registers, shared memory and resident programs per SM of
+each decode kernel variant it compiled; writes ``tune_decode_sweep.json`` into ``--out`` after each stage.
+``--candidates splits`` times the default tiling at fixed partition sizes instead (how many programs a step wants).
 """
 import argparse
 import dataclasses
@@ -227,7 +228,7 @@ KNOB_GROUPS = {  # stage 2 transplants each group as a unit
     "merge": ("merge", "direct_single_split"),
 }
 _SHORT = dict(partition_size="part", programs_per_sm="pps", min_partition="minp", max_splits="maxs",
-              grid_order="order", merge="merge", direct_single_split="direct", schedule="sched")
+              grid_order="order", merge="merge", direct_single_split="direct")
 
 
 def label(cfg: DecodeConfig) -> str:
@@ -270,31 +271,11 @@ def decode_sweep_candidates() -> list[DecodeConfig]:
     return list(dict.fromkeys(out))  # drop repeats, keep the order
 
 
-def balanced_candidates() -> list[DecodeConfig]:
-    """The persistent, evenly split decode grid (DecodeConfig.schedule "balanced") against the default: programs
-    per SM from 1 to 6 on the tilings that fit 1-3 programs per SM, block-table reads per key or per page, and a
-    smaller least share per program."""
-    out = [DECODE_CONFIGS[128]]
-    for block_n, warps, stages in [(128, 4, 2), (64, 4, 2), (64, 4, 5), (128, 8, 2)]:
-        for pps in (1, 2, 3, 4, 6):
-            out.append(DecodeConfig(block_n, warps, stages, programs_per_sm=pps, schedule="balanced"))
-    for pps in (2, 3):
-        out.append(DecodeConfig(128, 4, 2, programs_per_sm=pps, kv_gather="page", schedule="balanced"))
-        out.append(DecodeConfig(128, 4, 2, programs_per_sm=pps, min_partition=128, schedule="balanced"))
-    return list(dict.fromkeys(out))
-
-
 def split_candidates() -> list[DecodeConfig]:
     """How many programs a decode step should have: the default tiling with fixed partitions from 512 keys to
-    32768 (one split at every issue shape), and the balanced schedule with its least share per program set so
-    that shares fall on (token, kv head) boundaries at the issue shapes or cut them."""
+    32768 (one split at every issue shape)."""
     base = DECODE_CONFIGS[128]
     out = [base] + [dataclasses.replace(base, partition_size=p) for p in (512, 1024, 2048, 4096, 8192, 16384, 32768)]
-    balanced = DecodeConfig(128, 4, 2, schedule="balanced")
-    # (programs per SM, least keys per program): at b64 @ 4096 and b8 @ 32768 (16384 tiles of 128 keys), 4 per SM
-    # give every program 32 tiles, on (token, kv head) boundaries; 33, 34 and 40 tiles cut them with fewer programs.
-    out += [dataclasses.replace(balanced, programs_per_sm=pps, min_partition=minp)
-            for pps, minp in ((4, 512), (4, 33 * 128), (4, 34 * 128), (4, 40 * 128), (3, 512), (8, 2048), (5, 512))]
     return list(dict.fromkeys(out))
 
 
@@ -544,7 +525,7 @@ def decode_sweep(opts):
     dtype = getattr(torch, opts.dtype)
     shapes = SMOKE_SHAPES if opts.smoke else SWEEP_SHAPES
     jobs = opts.jobs if opts.jobs is not None else (min(8, max(1, (os.cpu_count() or 2) - 2)) if DEVICE == "cuda" else 0)
-    candidates = dict(all=decode_sweep_candidates, balanced=balanced_candidates, splits=split_candidates)[opts.candidates]()
+    candidates = dict(all=decode_sweep_candidates, splits=split_candidates)[opts.candidates]()
     if opts.limit:
         candidates = candidates[:opts.limit]
     if opts.smoke:  # partitions scaled to the tiny contexts, so that splits and their merges run too
@@ -639,7 +620,7 @@ def kernel_resources() -> list[dict]:
     pa = importlib.import_module("cinfer_ops.paged_attention")  # the module, not the op of the same name
     props = torch.cuda.get_device_properties(0) if DEVICE == "cuda" else None
     out = []
-    for fn in (pa._decode_kernel, pa._decode_balanced_kernel):
+    for fn in (pa._decode_kernel,):
         for caches in getattr(fn, "device_caches", {}).values():
             for kernel in caches[0].values():
                 try:
@@ -705,9 +686,8 @@ def main():
     parser.add_argument("--decode-sweep", action="store_true", help="the split-KV kernel's knobs and variants")
     parser.add_argument("--smoke", action="store_true", help="decode sweep at tiny shapes (runs on CPU)")
     parser.add_argument("--jobs", type=int, help="decode sweep compile workers (default: 8 on a GPU, 0 on CPU)")
-    parser.add_argument("--candidates", choices=["all", "balanced", "splits"], default="all",
-                        help="decode sweep: the full stage-1 list, the balanced schedule against the default, or "
-                             "the number of programs (split sizes) of both schedules")
+    parser.add_argument("--candidates", choices=["all", "splits"], default="all",
+                        help="decode sweep: the full stage-1 list, or the default tiling at fixed split sizes")
     parser.add_argument("--limit", type=int, help="decode sweep: only the first N stage-1 candidates")
     parser.add_argument("--budget-s", type=float, default=420,
                         help="decode sweep: skip stage 2 / the final re-timing once this many seconds have passed")

@@ -64,7 +64,6 @@ _LOG2E = 1.4426950408889634
 KV_GATHERS = ("key", "page")
 GRID_ORDERS = ("token", "head", "split")
 MERGES = ("head", "group", "fused")
-SCHEDULES = ("grid", "balanced")
 
 
 @dataclass(frozen=True)
@@ -92,11 +91,6 @@ class DecodeConfig:
       whose context fits one split writes its output directly.
     - ``direct_single_split``: with the "head"/"group" merges, a token whose context fits one split writes its
       output directly and the merge skips it ("fused" always does).
-    - ``schedule``: "grid" (the above: one program per (token, kv head, split)), or "balanced": a persistent grid
-      of ``programs_per_sm`` programs per SM that share the step's key tiles evenly, each taking a contiguous
-      run of (token, kv head, tile) units of at least ``min_partition`` keys; pairs cut between programs are
-      merged as "fused" does. ``partition_size``, ``max_splits``, ``grid_order``, ``merge`` and
-      ``direct_single_split`` do not apply to it.
     """
     block_n: int
     num_warps: int
@@ -109,7 +103,6 @@ class DecodeConfig:
     grid_order: str = "token"
     merge: str = "head"
     direct_single_split: bool = False
-    schedule: str = "grid"
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -119,8 +112,7 @@ class DecodeConfig:
         for name in ("programs_per_sm", "min_partition", "max_splits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name, allowed in (("kv_gather", KV_GATHERS), ("grid_order", GRID_ORDERS), ("merge", MERGES),
-                              ("schedule", SCHEDULES)):
+        for name, allowed in (("kv_gather", KV_GATHERS), ("grid_order", GRID_ORDERS), ("merge", MERGES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
@@ -155,8 +147,6 @@ PREFILL_CONFIGS = {
 # (during serving, or per CUDA-graph bucket at capture). 128 covers the usual decode batches in one load.
 _SEARCH_CHUNK = 128
 _SPLIT_CHUNK = 16
-# Keys per step of the balanced decode kernel's vector search for tokens that are not their sequence's only one.
-_KEY_CHUNK = 16
 # Elements of the [query heads, splits, head_dim] tile the group merges read per step (sets the splits per step).
 _MERGE_TILE_ELEMENTS = 8192
 # Caches with at least this many elements are addressed with 64-bit offsets (a module constant so tests can lower it).
@@ -183,50 +173,6 @@ def _count_le(qsl_ptr, x, k_lo, k_hi, DIV: tl.constexpr, ADD_INDEX: tl.constexpr
             key = key + k
         count += tl.sum((inside & (key <= x)).to(tl.int32), axis=0)
     return count
-
-
-@triton.jit
-def _token_context(query_start_loc_ptr, seq_lens_ptr, token, batch, SEARCH_CHUNK: tl.constexpr):
-    # (sequence, keys visible to it) of one query token: 0 keys for tokens past query_start_loc[-1] (CUDA-graph
-    # padding). Decode steps have token == sequence: try that first, with independent loads, and search only if
-    # it is wrong (saves a dependent global-memory round trip before the first K/V load).
-    q_start = tl.load(query_start_loc_ptr + token, mask=token < batch, other=0)
-    q_end = tl.load(query_start_loc_ptr + token + 1, mask=token < batch, other=0)
-    ctx = tl.load(seq_lens_ptr + token, mask=token < batch, other=0)
-    seq = token
-    if (token < q_start) | (token >= q_end):
-        seq = _count_le(query_start_loc_ptr, token, 1, batch + 1, 1, False, SEARCH_CHUNK)
-        q_start = tl.load(query_start_loc_ptr + seq, mask=seq < batch, other=0)
-        q_end = tl.load(query_start_loc_ptr + seq + 1, mask=seq < batch, other=0)
-        ctx = tl.load(seq_lens_ptr + seq, mask=seq < batch, other=0)
-    kv_len = tl.where(seq < batch, ctx - (q_end - q_start) + (token - q_start) + 1, 0)
-    return seq, kv_len
-
-
-@triton.jit
-def _tokens_tiles(query_start_loc_ptr, seq_lens_ptr, tokens, num_tokens, batch, BLOCK_N: tl.constexpr,
-                  KEY_CHUNK: tl.constexpr):
-    # Key tiles (of BLOCK_N) each of a vector of query tokens sees; 0 past num_tokens. The vector form of
-    # _token_context: tokens whose sequence is not the token itself find it by one [tokens, KEY_CHUNK] search.
-    ok = tokens < num_tokens
-    own = ok & (tokens < batch)
-    q_start = tl.load(query_start_loc_ptr + tokens, mask=own, other=-1)
-    q_end = tl.load(query_start_loc_ptr + tokens + 1, mask=own, other=-1)
-    ctx = tl.load(seq_lens_ptr + tokens, mask=own, other=0)
-    simple = (q_start == tokens) & (q_end == tokens + 1)
-    kv_len = tl.where(simple, ctx, 0)
-    if tl.sum((ok & ~simple).to(tl.int32), axis=0) > 0:
-        seq = tokens * 0
-        for k0 in range(1, batch + 1, KEY_CHUNK):
-            k = k0 + tl.arange(0, KEY_CHUNK)
-            key = tl.load(query_start_loc_ptr + k, mask=k < batch + 1, other=0)
-            seq += tl.sum(((k < batch + 1)[None, :] & (key[None, :] <= tokens[:, None])).to(tl.int32), axis=1)
-        real = ok & (seq < batch)
-        q_start = tl.load(query_start_loc_ptr + seq, mask=real, other=0)
-        q_end = tl.load(query_start_loc_ptr + seq + 1, mask=real, other=0)
-        ctx = tl.load(seq_lens_ptr + seq, mask=real, other=0)
-        kv_len = tl.where(real, ctx - (q_end - q_start) + (tokens - q_start) + 1, 0)
-    return (kv_len + BLOCK_N - 1) // BLOCK_N
 
 
 @triton.jit
@@ -300,14 +246,11 @@ def _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, k
 @triton.jit
 def _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_splits, num_heads, num_splits,
                  stride_ot, stride_oh, GROUP: tl.constexpr, GM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, ALL_WRITTEN: tl.constexpr,
-                 BALANCED: tl.constexpr, first_program, pair_start, per_program):
+                 D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, ALL_WRITTEN: tl.constexpr):
     # Log-sum-exp merge of splits [0, n_splits) of the GROUP query heads of kv_head, in one pass: each step reads
     # SPLIT_CHUNK splits of every head as one [GM_PAD, SPLIT_CHUNK, D_PAD] tile and rescales the running sums.
     # ALL_WRITTEN: every split below n_splits wrote its partial (the fused merge), so the output loads need not
     # wait for the lse loads; otherwise a split whose lse is -inf wrote no output, which must not be read.
-    # BALANCED: the partial rows of _decode_balanced_kernel: split s is the segment of program first_program + s,
-    # in that program's slot 0 (its range starts inside this pair) or 1 (it starts before the pair).
     # Loads bypass L1 (".cg"): in the fused merge other programs wrote these rows during this kernel.
     offs_g = tl.arange(0, GM_PAD)
     offs_s = tl.arange(0, SPLIT_CHUNK)
@@ -322,12 +265,7 @@ def _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_splits
     for s0 in range(0, n_splits, SPLIT_CHUNK):
         split = s0 + offs_s
         ok = g_ok[:, None] & (split < n_splits)[None, :]
-        if BALANCED:
-            program = (first_program + split).to(tl.int64)
-            slot = program * 2 + (program * per_program < pair_start).to(tl.int64)
-            row = slot[None, :] * GROUP + offs_g[:, None]
-        else:
-            row = first[:, None] + split[None, :]
+        row = first[:, None] + split[None, :]
         lse = tl.load(part_lse_ptr + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
         if ALL_WRITTEN:
             written = ok
@@ -382,7 +320,19 @@ def _decode_kernel(
         split = pid % num_splits
         kv_head = (pid // num_splits) % num_kv_heads
         token = pid // (num_splits * num_kv_heads)
-    seq, kv_len = _token_context(query_start_loc_ptr, seq_lens_ptr, token, batch, SEARCH_CHUNK)
+    # Decode steps have token == sequence: try that first, with independent loads, and search only if it is wrong
+    # (saves a dependent global-memory round trip before the first K/V load).
+    q_start = tl.load(query_start_loc_ptr + token, mask=token < batch, other=0)
+    q_end = tl.load(query_start_loc_ptr + token + 1, mask=token < batch, other=0)
+    ctx = tl.load(seq_lens_ptr + token, mask=token < batch, other=0)
+    seq = token
+    if (token < q_start) | (token >= q_end):
+        seq = _count_le(query_start_loc_ptr, token, 1, batch + 1, 1, False, SEARCH_CHUNK)
+        q_start = tl.load(query_start_loc_ptr + seq, mask=seq < batch, other=0)
+        q_end = tl.load(query_start_loc_ptr + seq + 1, mask=seq < batch, other=0)
+        ctx = tl.load(seq_lens_ptr + seq, mask=seq < batch, other=0)
+    real = seq < batch  # tokens past query_start_loc[-1] are CUDA-graph padding
+    kv_len = tl.where(real, ctx - (q_end - q_start) + (token - q_start) + 1, 0)
     kv_start = split * partition_size
     kv_stop = tl.minimum(kv_start + partition_size, kv_len)
     n_active = tl.minimum((kv_len + partition_size - 1) // partition_size, num_splits)  # splits that see a key
@@ -436,8 +386,7 @@ def _decode_kernel(
                     done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
                     if done == n_active - 1:
                         _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_active, num_heads,
-                                     num_splits, stride_ot, stride_oh, GROUP, GM_PAD, HEAD_DIM, D_PAD, MERGE_CHUNK, True,
-                                     False, 0, 0, 1)
+                                     num_splits, stride_ot, stride_oh, GROUP, GM_PAD, HEAD_DIM, D_PAD, MERGE_CHUNK, True)
                         # All n_active splits have counted, so nothing else touches this counter in this launch:
                         # zero it for the next launch (the counters persist, see _merge_counter). Kernel
                         # boundaries order it before any later launch's increments.
@@ -457,127 +406,6 @@ def _decode_kernel(
                 tl.store(part_lse_ptr + part_row, tl.full([G_PAD], float("-inf"), tl.float32), mask=row_ok)
         else:
             tl.store(out_rows, zeros, mask=io_mask)
-
-
-@triton.jit(do_not_specialize=["batch", "num_tokens"])
-def _decode_balanced_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, merge_count_ptr,
-    qk_scale, batch, num_tokens, num_kv_heads, num_heads,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
-    GROUP: tl.constexpr, G_PAD: tl.constexpr, GM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_UNITS: tl.constexpr, SEARCH_CHUNK: tl.constexpr,
-    TOKEN_CHUNK: tl.constexpr, KEY_CHUNK: tl.constexpr, KV_GATHER: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INT64_OFFSETS: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    pdl_start(USE_PDL)
-    # A persistent grid over the step's work, split evenly (DecodeConfig.schedule == "balanced"). A unit of work
-    # is one BLOCK_N-key tile of one (token, kv_head) pair; units are numbered token by token, then kv head, then
-    # tile, and program p takes units [p * per, (p + 1) * per). All programs get the same number of tiles (bar the
-    # last), whatever the contexts, so they finish together instead of a last wave of splits trailing behind.
-    # A pair that lies inside one program's range is written directly. A pair cut by range boundaries has one
-    # segment per program it spans: each writes a partial into its slot (slot 0 if its range starts inside the
-    # pair, else slot 1: only a range's first and last pairs can be cut), and the last to finish merges them
-    # (an arrival counter per pair, as the fused merge of _decode_kernel).
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    offs_t = tl.arange(0, TOKEN_CHUNK)
-    total = pid * 0
-    for t0 in range(0, num_tokens, TOKEN_CHUNK):
-        tiles = _tokens_tiles(query_start_loc_ptr, seq_lens_ptr, t0 + offs_t, num_tokens, batch, BLOCK_N, KEY_CHUNK)
-        total += tl.sum(tiles, axis=0)
-    units = total * num_kv_heads
-    per = tl.maximum((units + num_programs - 1) // num_programs, MIN_UNITS)
-    start = pid * per
-    end = tl.minimum(start + per, units)
-
-    offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, D_PAD)
-    row_ok = offs_g < GROUP
-    io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    if start < end:
-        # The token holding unit `start`: the number of tokens whose units all lie below it.
-        token = pid * 0
-        token_base = pid * 0  # units of the tokens before `token`
-        carry = pid * 0
-        for t0 in range(0, num_tokens, TOKEN_CHUNK):
-            tiles = _tokens_tiles(query_start_loc_ptr, seq_lens_ptr, t0 + offs_t, num_tokens, batch, BLOCK_N,
-                                  KEY_CHUNK)
-            token_units = tiles * num_kv_heads
-            below = (carry + tl.cumsum(token_units, axis=0)) <= start
-            token += tl.sum(below.to(tl.int32), axis=0)
-            token_base += tl.sum(tl.where(below, token_units, 0), axis=0)
-            carry += tl.sum(token_units, axis=0)
-        seq, kv_len = _token_context(query_start_loc_ptr, seq_lens_ptr, token, batch, SEARCH_CHUNK)
-        pos = start
-        while pos < end:
-            tiles = (kv_len + BLOCK_N - 1) // BLOCK_N
-            kv_head = (pos - token_base) // tiles
-            pair_start = token_base + kv_head * tiles
-            pair_end = pair_start + tiles
-            seg_end = tl.minimum(end, pair_end)
-            token64 = token.to(tl.int64)
-            heads = kv_head * GROUP + offs_g
-            q = tl.load(q_ptr + token64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=io_mask,
-                        other=0.0)
-            block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-            if INT64_OFFSETS:
-                kv_head_offset = kv_head.to(tl.int64) * stride_ch
-            else:
-                kv_head_offset = kv_head * stride_ch
-            kv_start = (pos - pair_start) * BLOCK_N
-            kv_stop = tl.minimum((seg_end - pair_start) * BLOCK_N, kv_len)
-            full_stop = kv_start + (kv_stop - kv_start) // BLOCK_N * BLOCK_N
-            m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-            l_i = tl.zeros([G_PAD], tl.float32)
-            acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-            for n0 in range(kv_start, full_stop, BLOCK_N):
-                m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr,
-                                              kv_head_offset, n0, kv_stop, m_i, qk_scale, stride_cb, stride_cs,
-                                              BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, False, DOT_PRECISION,
-                                              UPCAST_DOT, INT64_OFFSETS, KV_GATHER)
-            for n0 in range(full_stop, kv_stop, BLOCK_N):  # the pair's ragged last tile, if in this segment
-                m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr,
-                                              kv_head_offset, n0, kv_stop, m_i, qk_scale, stride_cb, stride_cs,
-                                              BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, False, DOT_PRECISION,
-                                              UPCAST_DOT, INT64_OFFSETS, KV_GATHER)
-            o = acc / l_i[:, None]  # every segment scores at least one key
-            if (pos == pair_start) & (seg_end == pair_end):
-                tl.store(out_ptr + token64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                         o.to(out_ptr.dtype.element_ty), mask=io_mask)
-            else:
-                slot = pid.to(tl.int64) * 2 + (pos != start).to(tl.int64)
-                part_row = slot * GROUP + offs_g
-                tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=io_mask)
-                tl.store(part_lse_ptr + part_row, m_i + tl.log2(l_i), mask=row_ok)
-                first_program = pair_start // per
-                n_segments = (pair_end - 1) // per - first_program + 1
-                tl.debug_barrier()  # as in _decode_kernel's fused merge
-                count_ptr = merge_count_ptr + token64 * num_kv_heads + kv_head
-                done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-                if done == n_segments - 1:
-                    _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_segments, num_heads, 1,
-                                 stride_ot, stride_oh, GROUP, GM_PAD, HEAD_DIM, D_PAD, MERGE_CHUNK, True,
-                                 True, first_program, pair_start, per)
-                    tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
-            pos = seg_end
-            if (pos < end) & (pos == token_base + tiles * num_kv_heads):
-                # The next token with work (one exists: units up to `end` are left).
-                token_base = pos
-                token += 1
-                seq, kv_len = _token_context(query_start_loc_ptr, seq_lens_ptr, token, batch, SEARCH_CHUNK)
-                while kv_len == 0:
-                    token += 1
-                    seq, kv_len = _token_context(query_start_loc_ptr, seq_lens_ptr, token, batch, SEARCH_CHUNK)
-    # Tokens that see no key (padding) get a zero output, each from one program.
-    for t in range(pid, num_tokens, num_programs):
-        _, t_len = _token_context(query_start_loc_ptr, seq_lens_ptr, t, batch, SEARCH_CHUNK)
-        if t_len == 0:
-            zeros = tl.zeros([G_PAD, D_PAD], tl.float32).to(out_ptr.dtype.element_ty)
-            for h in range(0, num_kv_heads):
-                heads = h * GROUP + offs_g
-                tl.store(out_ptr + (pid * 0 + t).to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                         zeros, mask=io_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -629,7 +457,7 @@ def _merge_groups_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_spl
         merge = tl.load(part_lse_ptr + (token * num_heads + kv_head * GROUP) * num_splits + 1) != float("-inf")
     if merge:
         _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token, kv_head, num_splits, num_heads, num_splits,
-                     stride_ot, stride_oh, GROUP, GM_PAD, HEAD_DIM, D_PAD, SPLIT_CHUNK, False, False, 0, 0, 1)
+                     stride_ot, stride_oh, GROUP, GM_PAD, HEAD_DIM, D_PAD, SPLIT_CHUNK, False)
 
 
 @triton.jit(do_not_specialize=["batch"])
@@ -762,29 +590,12 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
     batch = block_tables.shape[0]
     group = num_heads // kv_heads
     d_pad = max(triton.next_power_of_2(head_dim), 16)
-    gm_pad = max(triton.next_power_of_2(group), 2)
-    if cfg.schedule == "balanced":
-        programs = _num_sms(query.device) * cfg.programs_per_sm
-        part_out = torch.empty((programs * 2 * group, head_dim), dtype=torch.float32, device=query.device)
-        part_lse = torch.empty((programs * 2 * group,), dtype=torch.float32, device=query.device)
-        launch(_decode_balanced_kernel, (programs,),
-            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse,
-            _merge_counter(num_tokens * kv_heads, query.device),
-            qk_scale, batch, num_tokens, kv_heads, num_heads,
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-            GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), GM_PAD=gm_pad, HEAD_DIM=head_dim,
-            D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
-            MIN_UNITS=triton.cdiv(cfg.min_partition, cfg.block_n), TOKEN_CHUNK=_SEARCH_CHUNK,
-            KEY_CHUNK=_KEY_CHUNK, KV_GATHER=KV_GATHERS.index(cfg.kv_gather), MERGE_CHUNK=_merge_chunk(gm_pad, d_pad),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kernel_flags,
-        )
-        return
     max_context = block_tables.shape[1] * block_size
     partition = _decode_partition(batch * kv_heads, max_context, cfg, _num_sms(query.device))
     num_splits = triton.cdiv(max_context, partition)
     split = num_splits > 1
     fused = cfg.merge == "fused"
+    gm_pad = max(triton.next_power_of_2(group), 2)
     part_out = part_lse = merge_count = None
     if split:
         part_out = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)

@@ -37,8 +37,6 @@ DECODE_VARIANTS = [
     dict(merge="fused", grid_order="split", kv_gather="page"),
     dict(direct_single_split=True),
     dict(merge="group", direct_single_split=True, grid_order="head"),
-    dict(schedule="balanced", min_partition=16),
-    dict(schedule="balanced", min_partition=32, programs_per_sm=1, kv_gather="page"),
 ]
 VARIANT_IDS = ["-".join(f"{k}={v}" for k, v in d.items()) or "original" for d in DECODE_VARIANTS]
 
@@ -182,7 +180,6 @@ def decode_config(draw):
         grid_order=draw(st.sampled_from(paged_attention_module.GRID_ORDERS)),
         merge=draw(st.sampled_from(paged_attention_module.MERGES)),
         direct_single_split=draw(st.booleans()),
-        schedule=draw(st.sampled_from(paged_attention_module.SCHEDULES)),
     )
 
 
@@ -238,30 +235,6 @@ def test_split_kv_group_merge_in_several_steps(merge, monkeypatch):
         check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
 
 
-@pytest.mark.parametrize("programs_per_sm,per_program", [(16, 1), (2, 3), (1, 5), (1, 64)])
-def test_balanced_schedule_cuts_pairs_anywhere(programs_per_sm, per_program, monkeypatch):
-    # The persistent grid shares 40 tiles of 16 keys ((token, kv head) pairs of 1 to 7 tiles) among 8 "SMs" x
-    # programs_per_sm programs: one tile each (every pair cut at every tile, up to 7 segments merged 2 per step),
-    # 3 or 5 (ranges that start and end inside pairs and hold whole pairs between), or all in one program (every
-    # pair written directly). Then an empty-context padding token in a CUDA-graph bucket. The counters are left 0.
-    monkeypatch.setattr(paged_attention_module, "_MERGE_TILE_ELEMENTS", 64)
-    monkeypatch.setattr(paged_attention_module, "_num_sms", lambda device: 8)
-    cfg = DecodeConfig(16, 4, 1, programs_per_sm=programs_per_sm, min_partition=16 * per_program, schedule="balanced")
-    cases = [Case(q_lens=[1] * 5, seq_lens=[1, 17, 48, 97, 112], num_kv_heads=2, group=4, head_dim=64, block_size=8,
-                  dtype=torch.float32, seed=7),
-             Case(q_lens=[1, 1, 1], seq_lens=[0, 40, 0], num_kv_heads=2, group=3, head_dim=32, block_size=16,
-                  dtype=torch.bfloat16, seed=9)]
-    assert sum(-(-n // 16) for n in cases[0].seq_lens) * cases[0].num_kv_heads == 40
-    for case in cases:
-        args = build(case, TRITON_DEVICE)
-        out = paged_attention_triton(*args, decode_config=cfg)
-        expected = reference_attention(*args)
-        real = [i for i, n in enumerate(case.seq_lens) if n > 0]
-        assert_close(out[real], expected[real], ATTENTION, case.dtype)
-        assert (out[[i for i, n in enumerate(case.seq_lens) if n == 0]] == 0).all()
-        assert all(int(b.count_nonzero()) == 0 for b in paged_attention_module._merge_counters[args[0].device])
-
-
 @pytest.mark.parametrize("variant", DECODE_VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("q_lens", [[2, 0, 1], [0, 3, 0], [0, 0, 0], [1, 1, 0]])
 def test_split_kv_kernel_with_uneven_queries(q_lens, variant):
@@ -289,7 +262,7 @@ def test_decode_partition_sizing():
 
 @pytest.mark.parametrize("field,value", [("block_n", 24), ("block_n", 8), ("partition_size", 0), ("programs_per_sm", 0),
                                          ("min_partition", 0), ("max_splits", 0), ("kv_gather", "row"),
-                                         ("grid_order", "batch"), ("merge", "tree"), ("schedule", "stream")])
+                                         ("grid_order", "batch"), ("merge", "tree")])
 def test_decode_config_rejects_bad_values(field, value):
     kwargs = dict(block_n=32, num_warps=4, num_stages=2) | {field: value}
     with pytest.raises(ValueError, match=field):
@@ -321,7 +294,7 @@ def test_decode_padding_sequences(variant):
         assert torch.isfinite(out[2:]).all()  # unspecified, but a padding row must not turn into NaN
 
 
-FUSED_VARIANTS = [v for v in DECODE_VARIANTS if v.get("merge") == "fused" or v.get("schedule") == "balanced"]
+FUSED_VARIANTS = [v for v in DECODE_VARIANTS if v.get("merge") == "fused"]
 
 
 @pytest.mark.parametrize("variant", FUSED_VARIANTS, ids=[VARIANT_IDS[DECODE_VARIANTS.index(v)] for v in FUSED_VARIANTS])
@@ -408,7 +381,7 @@ def test_split_kv_variants_cuda(case, block_n, num_stages, variant, partition):
     while block_n > 16 and 2 * block_n * d_pad * elem * max(1, (num_stages - 1) // 2) > 96 * 1024:
         block_n //= 2  # K and V buffers within shared memory
     args = build(case, "cuda")
-    cfg = DecodeConfig(block_n, 4, num_stages, partition, **(dict(min_partition=64) | variant))
+    cfg = DecodeConfig(block_n, 4, num_stages, partition, min_partition=64, **variant)
     check(case, paged_attention_triton(*args, decode_config=cfg), args, f"{cfg}")
 
 
@@ -416,12 +389,11 @@ GRAPH_DECODE_CONFIGS = [
     None,
     DecodeConfig(64, 4, 5, kv_gather="page", merge="fused", grid_order="split", programs_per_sm=8),
     DecodeConfig(128, 4, 2, merge="group", direct_single_split=True, grid_order="head"),
-    DecodeConfig(64, 4, 2, programs_per_sm=2, min_partition=64, schedule="balanced"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode_config", GRAPH_DECODE_CONFIGS, ids=["default", "fused", "group-direct", "balanced"])
+@pytest.mark.parametrize("decode_config", GRAPH_DECODE_CONFIGS, ids=["default", "fused", "group-direct"])
 @pytest.mark.parametrize("first,second", [
     (([1] * 6, [500, 31, 1200, 16, 7, 64]), ([1] * 6, [33, 900, 2, 1100, 640, 129])),  # decode, split-KV
     (([50, 1, 20], [300, 17, 20]), ([10, 10, 51], [10, 100, 61])),  # mixed prefill, same token count
