@@ -524,6 +524,8 @@ def decode_sweep(opts):
     started = time.perf_counter()
     dtype = getattr(torch, opts.dtype)
     shapes = SMOKE_SHAPES if opts.smoke else SWEEP_SHAPES
+    if opts.shapes:
+        shapes = [DecodeShape(*map(int, item.lower().lstrip("b").split("x"))) for item in opts.shapes.split(",")]
     jobs = opts.jobs if opts.jobs is not None else (min(8, max(1, (os.cpu_count() or 2) - 2)) if DEVICE == "cuda" else 0)
     candidates = dict(all=decode_sweep_candidates, splits=split_candidates)[opts.candidates]()
     if opts.limit:
@@ -688,6 +690,8 @@ def main():
     parser.add_argument("--jobs", type=int, help="decode sweep compile workers (default: 8 on a GPU, 0 on CPU)")
     parser.add_argument("--candidates", choices=["all", "splits"], default="all",
                         help="decode sweep: the full stage-1 list, or the default tiling at fixed split sizes")
+    parser.add_argument("--shapes", help="decode sweep: other shapes than the issue's, as BATCHxCONTEXT,... "
+                                         "(e.g. b4x32768,b16x16384)")
     parser.add_argument("--limit", type=int, help="decode sweep: only the first N stage-1 candidates")
     parser.add_argument("--budget-s", type=float, default=420,
                         help="decode sweep: skip stage 2 / the final re-timing once this many seconds have passed")
