@@ -74,9 +74,15 @@ class DecodeConfig:
     --decode-sweep found 2 stages as fast as 5-7 (the default uses 2).
 
     Split sizing, from shapes only (CUDA-graph safe): ``partition_size`` keys per split, or None to size it from the
-    grid: aim for ``programs_per_sm`` (token, kv_head, split) programs per SM, but no partition shorter than
-    ``min_partition`` keys and no more than ``max_splits`` splits (each split adds a partial-result write and a
-    share of the merge).
+    grid, with ``target = programs_per_sm * SMs`` (token, kv_head, split) programs:
+    - (token, kv_head) pairs <= target: as many splits as keep the programs within target. With target at 2 per
+      SM, every program is resident from the start (the default tiling fits 3 per SM) and streams one long run of
+      keys: no wave of splits trails behind the others, and few partials are written and merged;
+    - pairs <= 2 * target: 2 splits, so that the programs make about 2-4 waves instead of 1-2, whose tail costs more;
+    - more pairs: 1 split, already several waves;
+    but no partition shorter than ``min_partition`` keys and no more than ``max_splits`` splits. (H100 sweep of
+    2026-11-26, RESULTS.md run AY: at 32-256 pairs, 256 programs were 1.2-3.9% faster than the 1024-1280 of the
+    earlier rule, which aimed at programs_per_sm * SMs programs rounded up; at 512 pairs 2 splits were fastest.)
 
     Variants (the defaults are the original kernel):
     - ``kv_gather``: how a tile's K/V rows are found. "key": one block-table load per key. "page": one per page,
@@ -96,7 +102,7 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     partition_size: int | None = None
-    programs_per_sm: int = 16
+    programs_per_sm: int = 2
     min_partition: int = 512
     max_splits: int = 128
     kv_gather: str = "key"
@@ -130,11 +136,12 @@ class PrefillConfig:
 # benchmarks/tune_paged_attention.py on the target GPU (--decode-sweep: the split-KV kernel's knobs and variants).
 # Head_dim 128: decode from the H100 --decode-sweep of 2026-11-26 (the best single config over the three issue
 # shapes: 0.97x SDPA enable_gqa, 90-95% of copy bandwidth, against 0.95-0.97x for the earlier default; the fused
-# merge also saves small decode batches the merge kernel's launch); prefill picked on an H200 (triton 3.6), 8x2048
+# merge also saves small decode batches the merge kernel's launch; split sizing from the sweep of split sizes over
+# 7 shapes, run AY); prefill picked on an H200 (triton 3.6), 8x2048
 # causal at 316 TFLOP/s. The 64 and 256 rows are scaled from it, untuned.
 DECODE_CONFIGS = {
-    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, grid_order="head", merge="fused"),
-    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, grid_order="head", merge="fused"),
+    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
+    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
     256: DecodeConfig(block_n=32, num_warps=4, num_stages=3),
 }
 PREFILL_CONFIGS = {
@@ -152,8 +159,9 @@ _MERGE_TILE_ELEMENTS = 8192
 # Caches with at least this many elements are addressed with 64-bit offsets (a module constant so tests can lower it).
 _INT32_OFFSET_LIMIT = 2**31
 # Kernel variants: every constexpr and launch option below comes from the model's shapes, the cache and the config;
-# the step's size enters only as the decode kernel's SPLIT (several splits or one), which flips once as the batch
-# grows. Integer arguments that follow the step's size (batch, token and split counts) are marked
+# the step's size enters only as the decode kernel's SPLIT (several splits or one) under the "head" and "group"
+# merges, where it follows the batch (see DecodeConfig's split sizing); the fused merge (the default) fixes it
+# from the table width. Integer arguments that follow the step's size (batch, token and split counts) are marked
 # do_not_specialize: Triton would otherwise compile a variant for the value 1 and one for multiples of 16. They
 # only bound loops and masks and scale partial-buffer rows, where those hints buy nothing.
 
@@ -539,13 +547,14 @@ def _pick(configs: dict, d_pad: int):
     return configs[min((k for k in configs if k >= d_pad), default=max(configs))]
 
 
-def _decode_partition(programs: int, max_context: int, cfg: DecodeConfig, num_sms: int) -> int:
-    """Keys per split (a multiple of cfg.block_n), from shapes only: cfg.partition_size, or enough
-    (token, kv_head, split) programs for about cfg.programs_per_sm per SM within cfg's split limits."""
+def _decode_partition(pairs: int, max_context: int, cfg: DecodeConfig, num_sms: int) -> int:
+    """Keys per split (a multiple of cfg.block_n), from shapes only: cfg.partition_size, or the split count of
+    DecodeConfig's rule for this many (token, kv_head) pairs, within cfg's split limits."""
     if cfg.partition_size is not None:
         partition = cfg.partition_size
     else:
-        want = triton.cdiv(cfg.programs_per_sm * num_sms, programs)
+        target = cfg.programs_per_sm * num_sms
+        want = target // pairs if pairs <= target else 2 if pairs <= 2 * target else 1
         splits = max(1, min(want, triton.cdiv(max_context, cfg.min_partition), cfg.max_splits))
         partition = triton.cdiv(max_context, splits)
     return triton.cdiv(partition, cfg.block_n) * cfg.block_n
@@ -593,8 +602,12 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
     max_context = block_tables.shape[1] * block_size
     partition = _decode_partition(batch * kv_heads, max_context, cfg, _num_sms(query.device))
     num_splits = triton.cdiv(max_context, partition)
-    split = num_splits > 1
     fused = cfg.merge == "fused"
+    # SPLIT: the kernel variant that can split. The fused merge lets a token whose context fits one split write
+    # its output directly, so that variant also runs steps of one split: with it, the variant does not follow the
+    # batch (whose split count rises and falls, see DecodeConfig), only whether this table width allows splits.
+    split = num_splits > 1 or (fused and cfg.partition_size is None and cfg.max_splits > 1
+                               and max_context > cfg.min_partition)
     gm_pad = max(triton.next_power_of_2(group), 2)
     part_out = part_lse = merge_count = None
     if split:

@@ -114,9 +114,10 @@ def warm_up_steps(max_batch: int, max_num_tokens: int, max_model_len: int, all_v
 
     A small prefill-shaped and a small decode-shaped step compile the model and the sampler. With
     ``all_variants`` (on a GPU, where the ops run Triton kernels) more steps compile the kernels' other variants,
-    which change only at thresholds on the step's size (``cinfer_ops.VARIANT_TOKEN_THRESHOLDS`` tokens; the decode
-    kernel's split count, which falls as the batch grows): a decode step of ``max_batch`` sequences and a prefill
-    step at each token threshold, or as large as a step gets (``max_num_tokens``, ``max_model_len`` a sequence)."""
+    which change only at thresholds on the step's size (``cinfer_ops.VARIANT_TOKEN_THRESHOLDS`` tokens): a decode
+    step of ``max_batch`` sequences and a prefill step at each token threshold, or as large as a step gets
+    (``max_num_tokens``, ``max_model_len`` a sequence). The decode attention kernel's variant does not follow the
+    batch (``cinfer_ops.paged_attention``)."""
     steps = [[3, 2], [1, 1]]
     if all_variants:
         steps.append([1] * max_batch)

@@ -87,15 +87,15 @@ SIZES = [1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 64, 100, 128, 129, 200, 255, 256]
 TOKEN_COUNTS = SIZES + [511, 512, 1000, 1023, 1024, 1025, 2048, 3000, 4096, 5000]
 
 
-def test_decode_steps_compile_one_variant_per_side_of_the_split_threshold(recorders):
-    layer = Layer(max_batch=256, max_num_tokens=256, max_model_len=4096)
+@pytest.mark.parametrize("max_model_len,splits", [(4096, True), (512, False)])
+def test_decode_steps_compile_one_variant_for_every_batch(recorders, max_model_len, splits):
+    # The default decode config (fused merge) splits a step into a number of splits that rises and falls with the
+    # batch (DecodeConfig); its kernel variant must not follow it. Tables of 512 keys never split.
+    layer = Layer(max_batch=256, max_num_tokens=256, max_model_len=max_model_len)
     per_batch = {b: keys_of(recorders, lambda: layer.step([1] * b)) for b in SIZES}
-    decode = {b: keys["_decode_kernel"] for b, keys in per_batch.items()}
-    assert len(set(decode.values())) == 2, "SPLIT (several splits or one) is the only batch-dependent variant"
-    assert decode[2] != decode[256] and all(decode[b] in (decode[2], decode[256]) for b in SIZES)
-    # The batch threshold is crossed once: small batches split, large ones do not.
-    split = [b for b in SIZES if decode[b] == decode[2]]
-    assert split == SIZES[:len(split)] and split[-1] < 8
+    assert len({keys["_decode_kernel"] for keys in per_batch.values()}) == 1
+    (key,) = per_batch[1]["_decode_kernel"]
+    assert [entry[2] for entry in key if entry[0] == "SPLIT"] == [splits]
     for name in ("_rms_norm_kernel", "_kv_cache_write_kernel"):
         assert len({keys[name] for keys in per_batch.values()}) == 1, name
 

@@ -247,15 +247,18 @@ def test_split_kv_kernel_with_uneven_queries(q_lens, variant):
 
 
 def test_decode_partition_sizing():
-    # Split sizing from shapes alone. The defaults keep the original constants (16 programs per SM, partitions of
-    # 512 keys at least, 128 splits at most): on a 132-SM card, the shapes (8 kv heads, block_n 128).
+    # Split sizing from shapes alone, on a 132-SM card with 8 kv heads and block_n 128 (the shapes and the
+    # sweep's others): (token, kv_head) pairs up to 2 per SM split into as many as keep the programs within that,
+    # up to twice that take 2 splits, more take 1; no split shorter than min_partition, at most max_splits.
     default = DecodeConfig(128, 4, 2)
     partition = paged_attention_module._decode_partition
-    assert partition(64 * 8, 4096, default, 132) == 896  # 5 splits
-    assert partition(8 * 8, 32768, default, 132) == 1024  # 32 splits
-    assert partition(256 * 8, 512, default, 132) == 512  # 1 split
-    assert partition(8 * 8, 32768, DecodeConfig(128, 4, 2, programs_per_sm=2), 132) == 6656  # 5 splits
-    assert partition(8 * 8, 32768, DecodeConfig(128, 4, 2, max_splits=8), 132) == 4096
+    for batch, context, splits in [(4, 32768, 8), (8, 32768, 4), (16, 16384, 2), (33, 8192, 1), (34, 8192, 2),
+                                   (64, 4096, 2), (66, 4096, 2), (67, 4096, 1), (128, 2048, 1), (256, 512, 1)]:
+        assert partition(batch * 8, context, default, 132) == context // splits, (batch, context)
+    assert partition(8, 8192, default, 132) == 512  # batch 1: 33 splits wanted, min_partition keeps 16
+    assert partition(8 * 8, 32768, DecodeConfig(128, 4, 2, programs_per_sm=8), 132) == 2048  # 16 splits
+    assert partition(8 * 8, 32768, DecodeConfig(128, 4, 2, max_splits=2), 132) == 16384
+    assert partition(8 * 8, 100_000, default, 132) == 25088  # 4 splits of 196 tiles, the last one shorter
     assert partition(256 * 8, 512, DecodeConfig(128, 4, 2, min_partition=128, programs_per_sm=64), 132) == 128
     assert partition(1, 100, DecodeConfig(32, 4, 2, partition_size=40), 132) == 64  # rounded up to block_n
 
