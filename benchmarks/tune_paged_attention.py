@@ -273,12 +273,9 @@ def decode_sweep_candidates() -> list[DecodeConfig]:
 
 def split_candidates() -> list[DecodeConfig]:
     """How many programs a decode step should have: the default tiling with fixed partitions from 512 keys to
-    32768 (one split at every issue shape); and the same with 3 stages, whose shared memory leaves 2 programs per
-    SM instead of 3 (so that a given number of programs makes other waves)."""
+    32768 (one split at every issue shape)."""
     base = DECODE_CONFIGS[128]
     out = [base] + [dataclasses.replace(base, partition_size=p) for p in (512, 1024, 2048, 4096, 8192, 16384, 32768)]
-    three = dataclasses.replace(base, num_stages=3)
-    out += [three] + [dataclasses.replace(three, partition_size=p) for p in (2048, 4096, 8192, 16384)]
     return list(dict.fromkeys(out))
 
 
