@@ -202,17 +202,19 @@ STAGE2_MAX = 24
 
 @dataclasses.dataclass(frozen=True)
 class DecodeShape:
-    """One decode step: ``batch`` sequences of ``ctx`` cached tokens, one query token each."""
+    """One decode step: ``batch`` sequences of ``ctx`` cached tokens, one query token each, over block tables
+    ``width`` keys wide (0: as wide as the context; the runtime's tables are max_model_len wide)."""
     batch: int
     ctx: int
     num_heads: int = NUM_HEADS
     num_kv_heads: int = NUM_KV_HEADS
     head_dim: int = HEAD_DIM
     block_size: int = BLOCK_SIZE
+    width: int = 0
 
     @property
     def name(self) -> str:
-        return f"b{self.batch} ctx{self.ctx}"
+        return f"b{self.batch} ctx{self.ctx}" + (f" w{self.width}" if self.width > self.ctx else "")
 
     def kv_bytes(self, dtype: torch.dtype) -> int:
         return 2 * self.batch * self.ctx * self.num_kv_heads * self.head_dim * (torch.finfo(dtype).bits // 8)
@@ -228,7 +230,7 @@ KNOB_GROUPS = {  # stage 2 transplants each group as a unit
     "merge": ("merge", "direct_single_split"),
 }
 _SHORT = dict(partition_size="part", programs_per_sm="pps", min_partition="minp", max_splits="maxs",
-              grid_order="order", merge="merge", direct_single_split="direct")
+              grid_order="order", merge="merge", direct_single_split="direct", fit_splits="fit")
 
 
 def label(cfg: DecodeConfig) -> str:
@@ -273,9 +275,10 @@ def decode_sweep_candidates() -> list[DecodeConfig]:
 
 def split_candidates() -> list[DecodeConfig]:
     """How many programs a decode step should have: the default tiling with fixed partitions from 512 keys to
-    32768 (one split at every issue shape)."""
+    32768 (one split at every issue shape), and with partitions from the table width alone (no fit_splits)."""
     base = DECODE_CONFIGS[128]
     out = [base] + [dataclasses.replace(base, partition_size=p) for p in (512, 1024, 2048, 4096, 8192, 16384, 32768)]
+    out.append(dataclasses.replace(base, fit_splits=False))  # partitions from the table width alone
     return list(dict.fromkeys(out))
 
 
@@ -292,6 +295,10 @@ def decode_inputs(shape: DecodeShape, dtype: torch.dtype, device: str, seed: int
     else:
         block_tables = torch.randint(num_blocks, (shape.batch, blocks_per_seq), device=device, generator=gen,
                                      dtype=torch.int32)
+    table_blocks = math.ceil(shape.width / shape.block_size)
+    if table_blocks > blocks_per_seq:  # entries past each context: never read
+        unused = torch.zeros((shape.batch, table_blocks - blocks_per_seq), dtype=torch.int32, device=device)
+        block_tables = torch.cat([block_tables, unused], dim=1)
     cache_shape = (num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
     k_cache = torch.randn(cache_shape, dtype=dtype, device=device, generator=gen)
     v_cache = torch.randn(cache_shape, dtype=dtype, device=device, generator=gen)
@@ -525,7 +532,11 @@ def decode_sweep(opts):
     dtype = getattr(torch, opts.dtype)
     shapes = SMOKE_SHAPES if opts.smoke else SWEEP_SHAPES
     if opts.shapes:
-        shapes = [DecodeShape(*map(int, item.lower().lstrip("b").split("x"))) for item in opts.shapes.split(",")]
+        shapes = []
+        for item in opts.shapes.lower().split(","):
+            batch, rest = item.lstrip("b").split("x")
+            ctx, _, width = rest.partition("w")
+            shapes.append(DecodeShape(int(batch), int(ctx), width=int(width or 0)))
     jobs = opts.jobs if opts.jobs is not None else (min(8, max(1, (os.cpu_count() or 2) - 2)) if DEVICE == "cuda" else 0)
     candidates = dict(all=decode_sweep_candidates, splits=split_candidates)[opts.candidates]()
     if opts.limit:
@@ -690,8 +701,8 @@ def main():
     parser.add_argument("--jobs", type=int, help="decode sweep compile workers (default: 8 on a GPU, 0 on CPU)")
     parser.add_argument("--candidates", choices=["all", "splits"], default="all",
                         help="decode sweep: the full stage-1 list, or the default tiling at fixed split sizes")
-    parser.add_argument("--shapes", help="decode sweep: other shapes than the issue's, as BATCHxCONTEXT,... "
-                                         "(e.g. b4x32768,b16x16384)")
+    parser.add_argument("--shapes", help="decode sweep: other shapes than the issue's, as BATCHxCONTEXT[wWIDTH],... "
+                                         "(e.g. b4x32768,b8x1000w8192: WIDTH keys of block table)")
     parser.add_argument("--limit", type=int, help="decode sweep: only the first N stage-1 candidates")
     parser.add_argument("--budget-s", type=float, default=420,
                         help="decode sweep: skip stage 2 / the final re-timing once this many seconds have passed")

@@ -80,7 +80,11 @@ class DecodeConfig:
       keys: no wave of splits trails behind the others, and few partials are written and merged;
     - pairs <= 2 * target: 2 splits, so that the programs make about 2-4 waves instead of 1-2, whose tail costs more;
     - more pairs: 1 split, already several waves;
-    but no partition shorter than ``min_partition`` keys and no more than ``max_splits`` splits. (H100 sweep of
+    but no partition shorter than ``min_partition`` keys and no more than ``max_splits`` splits. ``fit_splits``:
+    each token's partition is its context spread over those splits, no shorter than ``min_partition`` keys and no
+    longer than the sized one (on the device, from the token's context, so still CUDA-graph safe). The runtime's
+    block tables are ``max_model_len`` wide: without it a context far shorter than the table fills one split
+    and leaves the others idle; a context as long as the table gets the sized partition either way. (H100 sweep of
     2026-11-26, RESULTS.md run AY: at 32-256 pairs, 256 programs were 1.2-3.9% faster than the 1024-1280 of the
     earlier rule, which aimed at programs_per_sm * SMs programs rounded up; at 512 pairs 2 splits were fastest.)
 
@@ -109,6 +113,7 @@ class DecodeConfig:
     grid_order: str = "token"
     merge: str = "head"
     direct_single_split: bool = False
+    fit_splits: bool = True
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -297,12 +302,12 @@ def _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_splits
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, merge_count_ptr,
-    qk_scale, batch, num_tokens, num_kv_heads, num_heads, num_splits, partition_size,
+    qk_scale, batch, num_tokens, num_kv_heads, num_heads, num_splits, partition_size, min_partition,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, GM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_CHUNK: tl.constexpr, SPLIT: tl.constexpr,
     GRID_ORDER: tl.constexpr, KV_GATHER: tl.constexpr, MERGE: tl.constexpr, DIRECT: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr,
+    FIT: tl.constexpr, MERGE_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INT64_OFFSETS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_start(USE_PDL)  # everything below may read the previous kernels' q and cache writes
@@ -341,6 +346,10 @@ def _decode_kernel(
         ctx = tl.load(seq_lens_ptr + seq, mask=seq < batch, other=0)
     real = seq < batch  # tokens past query_start_loc[-1] are CUDA-graph padding
     kv_len = tl.where(real, ctx - (q_end - q_start) + (token - q_start) + 1, 0)
+    if FIT:  # DecodeConfig.fit_splits: this token's context over the splits, min_partition <= it <= partition_size
+        per_split = (kv_len + num_splits - 1) // num_splits
+        per_split = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        partition_size = tl.minimum(partition_size, tl.maximum(per_split, min_partition))
     kv_start = split * partition_size
     kv_stop = tl.minimum(kv_start + partition_size, kv_len)
     n_active = tl.minimum((kv_len + partition_size - 1) // partition_size, num_splits)  # splits that see a key
@@ -622,12 +631,14 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
     launch(_decode_kernel, grid,
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, merge_count,
         qk_scale, batch, num_tokens, kv_heads, num_heads, num_splits, partition,
+        triton.cdiv(cfg.min_partition, cfg.block_n) * cfg.block_n,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), GM_PAD=gm_pad, HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, SPLIT=split,
         GRID_ORDER=GRID_ORDERS.index(cfg.grid_order), KV_GATHER=KV_GATHERS.index(cfg.kv_gather),
         MERGE=MERGES.index(cfg.merge), DIRECT=cfg.direct_single_split or fused,
+        FIT=cfg.fit_splits and split and cfg.partition_size is None,
         MERGE_CHUNK=_merge_chunk(gm_pad, d_pad),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kernel_flags,
     )

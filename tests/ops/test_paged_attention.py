@@ -5,6 +5,7 @@ tile sizes there so that short contexts still span several tiles and splits. Eve
 be read: cache slots outside each sequence's context hold NaN, block-table entries past a sequence's last block
 hold garbage (indices of poisoned blocks, -1, huge values), and physical blocks are a random permutation.
 """
+import dataclasses
 import importlib
 import math
 from dataclasses import dataclass
@@ -179,7 +180,7 @@ def decode_config(draw):
         kv_gather=draw(st.sampled_from(paged_attention_module.KV_GATHERS)),
         grid_order=draw(st.sampled_from(paged_attention_module.GRID_ORDERS)),
         merge=draw(st.sampled_from(paged_attention_module.MERGES)),
-        direct_single_split=draw(st.booleans()),
+        direct_single_split=draw(st.booleans()), fit_splits=draw(st.booleans()),
     )
 
 
@@ -244,6 +245,29 @@ def test_split_kv_kernel_with_uneven_queries(q_lens, variant):
     args = build(case, TRITON_DEVICE)
     for partition in (16, None):
         check(case, paged_attention_triton(*args, decode_config=DecodeConfig(16, 4, 1, partition, **variant)), args)
+
+
+@pytest.mark.parametrize("variant", [dict(merge="fused"), dict(merge="head"), dict(merge="group", direct_single_split=True)],
+                         ids=["fused", "head", "group-direct"])
+def test_split_kv_fits_partitions_to_each_context(variant, monkeypatch):
+    # A table far wider than the contexts, as the runtime's (max_model_len wide): 8 splits of 128 keys are sized
+    # from the width; each token spreads its own context over them, in partitions of 16 keys at least. Contexts
+    # below, at and above those steps; the table's unused columns hold garbage that must never be read.
+    monkeypatch.setattr(paged_attention_module, "_num_sms", lambda device: 8)
+    case = Case(q_lens=[1] * 7, seq_lens=[1, 15, 16, 17, 100, 129, 160], num_kv_heads=2, group=2, head_dim=32,
+                block_size=8, dtype=torch.float32, seed=21)
+    query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale = build(case, TRITON_DEVICE)
+    width = 128  # pages of 8: 1024 keys
+    garbage = torch.tensor([-1, 2**31 - 1, 10**6], dtype=torch.int32, device=block_tables.device)
+    wide = garbage[torch.randint(3, (block_tables.shape[0], width), generator=torch.Generator().manual_seed(0))
+                   .to(block_tables.device)]
+    wide[:, :block_tables.shape[1]] = block_tables
+    args = (query, k_cache, v_cache, wide, seq_lens, query_start_loc, scale)
+    cfg = DecodeConfig(16, 4, 1, programs_per_sm=16, min_partition=16, **variant)
+    assert paged_attention_module._decode_partition(7 * 2, 1024, cfg, 8) == 1024 // 8
+    for fit in (True, False):
+        check(case, paged_attention_triton(*args, decode_config=dataclasses.replace(cfg, fit_splits=fit)), args,
+              f"fit_splits={fit}")
 
 
 def test_decode_partition_sizing():
