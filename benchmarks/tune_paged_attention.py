@@ -275,10 +275,12 @@ def decode_sweep_candidates() -> list[DecodeConfig]:
 
 def split_candidates() -> list[DecodeConfig]:
     """How many programs a decode step should have: the default tiling with fixed partitions from 512 keys to
-    32768 (one split at every issue shape), and with partitions from the table width alone (no fit_splits)."""
+    32768 (one split at every issue shape), with partitions from the table width alone (no fit_splits), and with
+    shorter least partitions."""
     base = DECODE_CONFIGS[128]
     out = [base] + [dataclasses.replace(base, partition_size=p) for p in (512, 1024, 2048, 4096, 8192, 16384, 32768)]
     out.append(dataclasses.replace(base, fit_splits=False))  # partitions from the table width alone
+    out += [dataclasses.replace(base, min_partition=m) for m in (128, 256)]  # shorter splits for short contexts
     return list(dict.fromkeys(out))
 
 
