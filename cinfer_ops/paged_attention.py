@@ -142,11 +142,12 @@ class PrefillConfig:
 # Head_dim 128: decode from the H100 --decode-sweep of 2026-11-26 (the best single config over the three issue
 # shapes: 0.97x SDPA enable_gqa, 90-95% of copy bandwidth, against 0.95-0.97x for the earlier default; the fused
 # merge also saves small decode batches the merge kernel's launch; split sizing from the sweep of split sizes over
-# 7 shapes, run AY); prefill picked on an H200 (triton 3.6), 8x2048
+# 7 shapes, run AY; splits fitted to each context, of 128 keys at least, from runs BC-BD: at batch 1-8 over a
+# table wider than the contexts, 4-31% faster than 512 keys at least); prefill picked on an H200 (triton 3.6), 8x2048
 # causal at 316 TFLOP/s. The 64 and 256 rows are scaled from it, untuned.
 DECODE_CONFIGS = {
-    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
-    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
+    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, min_partition=128, grid_order="head", merge="fused"),
+    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, min_partition=128, grid_order="head", merge="fused"),
     256: DecodeConfig(block_n=32, num_warps=4, num_stages=3),
 }
 PREFILL_CONFIGS = {
