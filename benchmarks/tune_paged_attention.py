@@ -230,7 +230,8 @@ KNOB_GROUPS = {  # stage 2 transplants each group as a unit
     "merge": ("merge", "direct_single_split"),
 }
 _SHORT = dict(partition_size="part", programs_per_sm="pps", min_partition="minp", max_splits="maxs",
-              grid_order="order", merge="merge", direct_single_split="direct", fit_splits="fit")
+              grid_order="order", merge="merge", direct_single_split="direct", fit_splits="fit",
+              short_partition="short")
 
 
 def label(cfg: DecodeConfig) -> str:
@@ -276,11 +277,12 @@ def decode_sweep_candidates() -> list[DecodeConfig]:
 def split_candidates() -> list[DecodeConfig]:
     """How many programs a decode step should have: the default tiling with fixed partitions from 512 keys to
     32768 (one split at every issue shape), with partitions from the table width alone (no fit_splits), and with
-    shorter least partitions."""
+    other least partitions."""
     base = DECODE_CONFIGS[128]
     out = [base] + [dataclasses.replace(base, partition_size=p) for p in (512, 1024, 2048, 4096, 8192, 16384, 32768)]
     out.append(dataclasses.replace(base, fit_splits=False))  # partitions from the table width alone
-    out += [dataclasses.replace(base, min_partition=m) for m in (128, 256)]  # shorter splits for short contexts
+    # Splits of 512 keys at least whatever the batch (the rule before run BE), and of 128 whatever the batch.
+    out += [dataclasses.replace(base, short_partition=512), dataclasses.replace(base, min_partition=128)]
     return list(dict.fromkeys(out))
 
 

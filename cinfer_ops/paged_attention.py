@@ -80,7 +80,9 @@ class DecodeConfig:
       keys: no wave of splits trails behind the others, and few partials are written and merged;
     - pairs <= 2 * target: 2 splits, so that the programs make about 2-4 waves instead of 1-2, whose tail costs more;
     - more pairs: 1 split, already several waves;
-    but no partition shorter than ``min_partition`` keys and no more than ``max_splits`` splits. ``fit_splits``:
+    but no partition shorter than ``min_partition`` keys (``short_partition`` when the pairs are at most a quarter
+    of target: then short splits buy parallelism, where with more pairs they only add merges) and no more than
+    ``max_splits`` splits. ``fit_splits``:
     each token's partition is its context spread over those splits, no shorter than ``min_partition`` keys and no
     longer than the sized one (on the device, from the token's context, so still CUDA-graph safe). The runtime's
     block tables are ``max_model_len`` wide: without it a context far shorter than the table fills one split
@@ -108,6 +110,7 @@ class DecodeConfig:
     partition_size: int | None = None
     programs_per_sm: int = 2
     min_partition: int = 512
+    short_partition: int = 128
     max_splits: int = 128
     kv_gather: str = "key"
     grid_order: str = "token"
@@ -120,7 +123,7 @@ class DecodeConfig:
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
         if self.partition_size is not None and self.partition_size < 1:
             raise ValueError(f"partition_size must be positive or None, got {self.partition_size}")
-        for name in ("programs_per_sm", "min_partition", "max_splits"):
+        for name in ("programs_per_sm", "min_partition", "short_partition", "max_splits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name, allowed in (("kv_gather", KV_GATHERS), ("grid_order", GRID_ORDERS), ("merge", MERGES)):
@@ -142,12 +145,12 @@ class PrefillConfig:
 # Head_dim 128: decode from the H100 --decode-sweep of 2026-11-26 (the best single config over the three issue
 # shapes: 0.97x SDPA enable_gqa, 90-95% of copy bandwidth, against 0.95-0.97x for the earlier default; the fused
 # merge also saves small decode batches the merge kernel's launch; split sizing from the sweep of split sizes over
-# 7 shapes, run AY; splits fitted to each context, of 128 keys at least, from runs BC-BD: at batch 1-8 over a
-# table wider than the contexts, 4-31% faster than 512 keys at least); prefill picked on an H200 (triton 3.6), 8x2048
+# 7 shapes, run AY; splits fitted to each context, 128 keys at least for a few pairs, from runs BC-BE: at batch
+# 1-8 over a table wider than the contexts, 4-31% faster than 512 keys at least); prefill picked on an H200 (triton 3.6), 8x2048
 # causal at 316 TFLOP/s. The 64 and 256 rows are scaled from it, untuned.
 DECODE_CONFIGS = {
-    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, min_partition=128, grid_order="head", merge="fused"),
-    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, min_partition=128, grid_order="head", merge="fused"),
+    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
+    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
     256: DecodeConfig(block_n=32, num_warps=4, num_stages=3),
 }
 PREFILL_CONFIGS = {
@@ -347,7 +350,7 @@ def _decode_kernel(
         ctx = tl.load(seq_lens_ptr + seq, mask=seq < batch, other=0)
     real = seq < batch  # tokens past query_start_loc[-1] are CUDA-graph padding
     kv_len = tl.where(real, ctx - (q_end - q_start) + (token - q_start) + 1, 0)
-    if FIT:  # DecodeConfig.fit_splits: this token's context over the splits, min_partition <= it <= partition_size
+    if FIT:  # DecodeConfig.fit_splits: this token's context over the splits, least <= it <= partition_size
         per_split = (kv_len + num_splits - 1) // num_splits
         per_split = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         partition_size = tl.minimum(partition_size, tl.maximum(per_split, min_partition))
@@ -557,6 +560,12 @@ def _pick(configs: dict, d_pad: int):
     return configs[min((k for k in configs if k >= d_pad), default=max(configs))]
 
 
+def _least_partition(pairs: int, cfg: DecodeConfig, num_sms: int) -> int:
+    """The shortest split (keys, a multiple of cfg.block_n) a step of this many (token, kv_head) pairs may use."""
+    least = cfg.short_partition if 4 * pairs <= cfg.programs_per_sm * num_sms else cfg.min_partition
+    return triton.cdiv(least, cfg.block_n) * cfg.block_n
+
+
 def _decode_partition(pairs: int, max_context: int, cfg: DecodeConfig, num_sms: int) -> int:
     """Keys per split (a multiple of cfg.block_n), from shapes only: cfg.partition_size, or the split count of
     DecodeConfig's rule for this many (token, kv_head) pairs, within cfg's split limits."""
@@ -565,7 +574,8 @@ def _decode_partition(pairs: int, max_context: int, cfg: DecodeConfig, num_sms: 
     else:
         target = cfg.programs_per_sm * num_sms
         want = target // pairs if pairs <= target else 2 if pairs <= 2 * target else 1
-        splits = max(1, min(want, triton.cdiv(max_context, cfg.min_partition), cfg.max_splits))
+        least = _least_partition(pairs, cfg, num_sms)
+        splits = max(1, min(want, triton.cdiv(max_context, least), cfg.max_splits))
         partition = triton.cdiv(max_context, splits)
     return triton.cdiv(partition, cfg.block_n) * cfg.block_n
 
@@ -617,7 +627,7 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
     # its output directly, so that variant also runs steps of one split: with it, the variant does not follow the
     # batch (whose split count rises and falls, see DecodeConfig), only whether this table width allows splits.
     split = num_splits > 1 or (fused and cfg.partition_size is None and cfg.max_splits > 1
-                               and max_context > cfg.min_partition)
+                               and max_context > min(cfg.min_partition, cfg.short_partition))
     gm_pad = max(triton.next_power_of_2(group), 2)
     part_out = part_lse = merge_count = None
     if split:
@@ -632,7 +642,7 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
     launch(_decode_kernel, grid,
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, merge_count,
         qk_scale, batch, num_tokens, kv_heads, num_heads, num_splits, partition,
-        triton.cdiv(cfg.min_partition, cfg.block_n) * cfg.block_n,
+        _least_partition(batch * kv_heads, cfg, _num_sms(query.device)),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), GM_PAD=gm_pad, HEAD_DIM=head_dim, D_PAD=d_pad,

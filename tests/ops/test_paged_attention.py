@@ -176,6 +176,7 @@ def decode_config(draw):
         block_n=draw(st.sampled_from([16, 32])), num_warps=4, num_stages=1,
         partition_size=draw(st.sampled_from(SMALL_DECODE_PARTITIONS + [None])),
         programs_per_sm=draw(st.sampled_from([1, 16, 64])), min_partition=draw(st.sampled_from([16, 32, 512])),
+        short_partition=draw(st.sampled_from([16, 32, 512])),
         max_splits=draw(st.sampled_from([2, 128])),
         kv_gather=draw(st.sampled_from(paged_attention_module.KV_GATHERS)),
         grid_order=draw(st.sampled_from(paged_attention_module.GRID_ORDERS)),
@@ -263,7 +264,7 @@ def test_split_kv_fits_partitions_to_each_context(variant, monkeypatch):
                    .to(block_tables.device)]
     wide[:, :block_tables.shape[1]] = block_tables
     args = (query, k_cache, v_cache, wide, seq_lens, query_start_loc, scale)
-    cfg = DecodeConfig(16, 4, 1, programs_per_sm=16, min_partition=16, **variant)
+    cfg = DecodeConfig(16, 4, 1, programs_per_sm=16, min_partition=16, short_partition=16, **variant)
     assert paged_attention_module._decode_partition(7 * 2, 1024, cfg, 8) == 1024 // 8
     for fit in (True, False):
         check(case, paged_attention_triton(*args, decode_config=dataclasses.replace(cfg, fit_splits=fit)), args,
@@ -273,13 +274,19 @@ def test_split_kv_fits_partitions_to_each_context(variant, monkeypatch):
 def test_decode_partition_sizing():
     # Split sizing from shapes alone, on a 132-SM card with 8 kv heads and block_n 128 (the shapes and the
     # sweep's others): (token, kv_head) pairs up to 2 per SM split into as many as keep the programs within that,
-    # up to twice that take 2 splits, more take 1; no split shorter than min_partition, at most max_splits.
+    # up to twice that take 2 splits, more take 1; no split shorter than short_partition / min_partition, at most
+    # max_splits.
     default = DecodeConfig(128, 4, 2)
     partition = paged_attention_module._decode_partition
     for batch, context, splits in [(4, 32768, 8), (8, 32768, 4), (16, 16384, 2), (33, 8192, 1), (34, 8192, 2),
                                    (64, 4096, 2), (66, 4096, 2), (67, 4096, 1), (128, 2048, 1), (256, 512, 1)]:
         assert partition(batch * 8, context, default, 132) == context // splits, (batch, context)
-    assert partition(8, 8192, default, 132) == 512  # batch 1: 33 splits wanted, min_partition keeps 16
+    assert partition(8, 8192, default, 132) == 256  # batch 1: 33 splits wanted, 32 of 256 keys
+    # Splits as short as short_partition while the pairs are at most a quarter of the target, min_partition after.
+    least = paged_attention_module._least_partition
+    assert [least(pairs, default, 132) for pairs in (8, 66, 67, 512)] == [128, 128, 512, 512]
+    assert partition(8 * 8, 1024, default, 132) == 256 and partition(16 * 8, 1024, default, 132) == 512
+    assert least(8, DecodeConfig(128, 4, 2, short_partition=100), 132) == 128  # a whole number of tiles
     assert partition(8 * 8, 32768, DecodeConfig(128, 4, 2, programs_per_sm=8), 132) == 2048  # 16 splits
     assert partition(8 * 8, 32768, DecodeConfig(128, 4, 2, max_splits=2), 132) == 16384
     assert partition(8 * 8, 100_000, default, 132) == 25088  # 4 splits of 196 tiles, the last one shorter
