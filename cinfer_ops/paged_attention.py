@@ -79,16 +79,17 @@ class DecodeConfig:
       SM, every program is resident from the start (the default tiling fits 3 per SM) and streams one long run of
       keys: no wave of splits trails behind the others, and few partials are written and merged;
     - pairs <= 2 * target: 2 splits, so that the programs make about 2-4 waves instead of 1-2, whose tail costs more;
-    - more pairs: 1 split, already several waves;
-    but no partition shorter than ``min_partition`` keys (``short_partition`` when the pairs are at most a quarter
-    of target: then short splits buy parallelism, where with more pairs they only add merges) and no more than
-    ``max_splits`` splits. ``fit_splits``:
-    each token's partition is its context spread over those splits, no shorter than ``min_partition`` keys and no
-    longer than the sized one (on the device, from the token's context, so still CUDA-graph safe). The runtime's
-    block tables are ``max_model_len`` wide: without it a context far shorter than the table fills one split
-    and leaves the others idle; a context as long as the table gets the sized partition either way. (H100 sweep of
-    2026-11-26, RESULTS.md run AY: at 32-256 pairs, 256 programs were 1.2-3.9% faster than the 1024-1280 of the
-    earlier rule, which aimed at programs_per_sm * SMs programs rounded up; at 512 pairs 2 splits were fastest.)
+    - more pairs: 1 split, already several waves.
+    No split is shorter than the least partition, ``short_partition`` keys while the pairs are at most a quarter of
+    target (short splits then buy parallelism) and ``min_partition`` above that (where they only add partial
+    writes and merges), and there are at most ``max_splits``.
+    ``fit_splits``: each token spreads its own context over those splits (on the device, so still CUDA-graph safe),
+    in partitions no shorter than the least and no longer than the sized one. The runtime's block tables are
+    ``max_model_len`` wide: without it a context far shorter than the table fills one split and leaves the others
+    idle; a context as long as the table gets the sized partition either way.
+    (H100 sweeps of 2026-11-26, RESULTS.md runs AY-BF: at 32-256 pairs, 256 programs were 1.2-3.9% faster than
+    the 1024-1280 of the earlier rule, which aimed at programs_per_sm * SMs programs rounded up, and 2 splits were
+    fastest at 512 pairs; fitted splits of 128 keys at least made batch 1-8 over 8192-key tables 3-31% faster.)
 
     Variants (the defaults are the original kernel):
     - ``kv_gather``: how a tile's K/V rows are found. "key": one block-table load per key. "page": one per page,
@@ -144,10 +145,9 @@ class PrefillConfig:
 # benchmarks/tune_paged_attention.py on the target GPU (--decode-sweep: the split-KV kernel's knobs and variants).
 # Head_dim 128: decode from the H100 --decode-sweep of 2026-11-26 (the best single config over the three issue
 # shapes: 0.97x SDPA enable_gqa, 90-95% of copy bandwidth, against 0.95-0.97x for the earlier default; the fused
-# merge also saves small decode batches the merge kernel's launch; split sizing from the sweep of split sizes over
-# 7 shapes, run AY; splits fitted to each context, 128 keys at least for a few pairs, from runs BC-BE: at batch
-# 1-8 over a table wider than the contexts, 4-31% faster than 512 keys at least); prefill picked on an H200 (triton 3.6), 8x2048
-# causal at 316 TFLOP/s. The 64 and 256 rows are scaled from it, untuned.
+# merge also saves small decode batches the merge kernel's launch; split sizing: DecodeConfig, from runs AY-BF);
+# prefill picked on an H200 (triton 3.6), 8x2048 causal at 316 TFLOP/s. The 64 and 256 rows are scaled from it,
+# untuned.
 DECODE_CONFIGS = {
     64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
     128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
