@@ -151,7 +151,8 @@ class PrefillConfig:
 DECODE_CONFIGS = {
     64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
     128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
-    256: DecodeConfig(block_n=32, num_warps=4, num_stages=3),
+    # Untuned: the split sizing closest to the one it had before run AZ (16 programs per SM, 512 keys at least).
+    256: DecodeConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=16, short_partition=512),
 }
 PREFILL_CONFIGS = {
     64: PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
