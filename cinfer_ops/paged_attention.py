@@ -576,7 +576,7 @@ def _decode_partition(pairs: int, max_context: int, cfg: DecodeConfig, num_sms: 
         target = cfg.programs_per_sm * num_sms
         want = target // pairs if pairs <= target else 2 if pairs <= 2 * target else 1
         least = _least_partition(pairs, cfg, num_sms)
-        splits = max(1, min(want, triton.cdiv(max_context, least), cfg.max_splits))
+        splits = max(1, min(want, max_context // least, cfg.max_splits))  # no split shorter than least
         partition = triton.cdiv(max_context, splits)
     return triton.cdiv(partition, cfg.block_n) * cfg.block_n
 

@@ -294,6 +294,25 @@ def test_decode_partition_sizing():
     assert partition(1, 100, DecodeConfig(32, 4, 2, partition_size=40), 132) == 64  # rounded up to block_n
 
 
+@settings(max_examples=300, deadline=None)
+@given(pairs=st.integers(1, 70_000), width=st.integers(1, 300_000), block_n=st.sampled_from([16, 32, 64, 128]),
+       programs_per_sm=st.integers(1, 32), min_partition=st.integers(1, 4096), short_partition=st.integers(1, 4096),
+       max_splits=st.integers(1, 256), num_sms=st.sampled_from([8, 78, 132, 144]))
+def test_decode_partition_sizing_invariants(pairs, width, block_n, programs_per_sm, min_partition, short_partition,
+                                            max_splits, num_sms):
+    # Whatever the shapes: whole tiles, at most max_splits splits, no more programs than the target (or 2 splits
+    # a pair, the middle band), and no split shorter than the least partition unless the table itself is.
+    cfg = DecodeConfig(block_n, 4, 2, programs_per_sm=programs_per_sm, min_partition=min_partition,
+                       short_partition=short_partition, max_splits=max_splits)
+    partition = paged_attention_module._decode_partition(pairs, width, cfg, num_sms)
+    least = paged_attention_module._least_partition(pairs, cfg, num_sms)
+    splits = -(-width // partition)
+    assert partition % block_n == 0 and least % block_n == 0 and least >= min(short_partition, min_partition)
+    assert 1 <= splits <= max_splits
+    assert pairs * splits <= max(programs_per_sm * num_sms, 2 * pairs)
+    assert splits == 1 or partition >= least
+
+
 @pytest.mark.parametrize("field,value", [("block_n", 24), ("block_n", 8), ("partition_size", 0), ("programs_per_sm", 0),
                                          ("min_partition", 0), ("max_splits", 0), ("kv_gather", "row"),
                                          ("grid_order", "batch"), ("merge", "tree")])
