@@ -612,11 +612,9 @@ def decode_sweep(opts):
             print_table(final, ["shape", "config", "ms", "pct_copy", "vs_sdpa", "spread", "note"])
         summary(rows, final, single, shape_names, label(candidates[0]), configs_by_label, result)
         result["kernels"] = kernel_resources()
-        print("\n== compiled decode kernels")
+        print("\n== compiled decode kernels (_decode_kernel)")
         for k in result["kernels"]:
-            print("  " + " ".join(f"{key}={value}" for key, value in k.items() if key in (
-                "kernel", "regs", "spills", "shared", "warps", "stages", "programs_per_sm", "BLOCK_N", "SPLIT",
-                "GRID_ORDER", "MERGE", "error")))
+            print("  " + " ".join(f"{key}={value}" for key, value in k.items()))
         save(rows=rows)
     except SweepAborted as e:
         print(f"\nsweep aborted after a CUDA error (the context is lost): {e}")
@@ -628,8 +626,8 @@ def decode_sweep(opts):
 
 
 def kernel_resources() -> list[dict]:
-    """Registers, spills, shared memory and the resident programs per SM that follow from them, of every decode
-    kernel variant this process compiled (read off Triton's in-memory caches; empty where it keeps them
+    """Registers, spills, shared memory and the resident programs per SM that follow from them, of every
+    _decode_kernel variant this process compiled (read off Triton's in-memory caches; empty where it keeps them
     elsewhere)."""
     import importlib
 
@@ -637,26 +635,21 @@ def kernel_resources() -> list[dict]:
     pa = importlib.import_module("cinfer_ops.paged_attention")  # the module, not the op of the same name
     props = torch.cuda.get_device_properties(0) if DEVICE == "cuda" else None
     out = []
-    for fn in (pa._decode_kernel,):
-        for caches in getattr(fn, "device_caches", {}).values():
-            for kernel in caches[0].values():
-                try:
-                    kernel._init_handles()
-                    meta = kernel.metadata
-                    warps, shared, regs = meta.num_warps, meta.shared, kernel.n_regs
-                    constants = {k: v for k, v in getattr(kernel.src, "constants", {}).items()
-                                 if isinstance(v, (int, bool))}
-                    row = dict(kernel=fn.__name__, regs=regs, spills=kernel.n_spills, shared=shared,
-                               warps=warps, stages=meta.num_stages,
-                               **{str(k[0] if isinstance(k, tuple) else k): v for k, v in constants.items()})
-                    if props is not None:
-                        by_regs = props.regs_per_multiprocessor // max(1, triton.cdiv(regs * 32, 256) * 256 * warps)
-                        by_shared = props.shared_memory_per_multiprocessor // (shared + 1024)
-                        by_warps = props.max_threads_per_multi_processor // (32 * warps)
-                        row["programs_per_sm"] = min(by_regs, by_shared, by_warps, 32)
-                    out.append(row)
-                except Exception as e:  # diagnostics only
-                    out.append(dict(kernel=fn.__name__, error=f"{type(e).__name__}: {e}"[:200]))
+    for caches in getattr(pa._decode_kernel, "device_caches", {}).values():
+        for kernel in caches[0].values():
+            try:
+                kernel._init_handles()
+                meta = kernel.metadata
+                warps, shared, regs = meta.num_warps, meta.shared, kernel.n_regs
+                row = dict(regs=regs, spills=kernel.n_spills, shared=shared, warps=warps, stages=meta.num_stages)
+                if props is not None:
+                    by_regs = props.regs_per_multiprocessor // max(1, triton.cdiv(regs * 32, 256) * 256 * warps)
+                    by_shared = props.shared_memory_per_multiprocessor // (shared + 1024)
+                    by_warps = props.max_threads_per_multi_processor // (32 * warps)
+                    row["programs_per_sm"] = min(by_regs, by_shared, by_warps, 32)
+                out.append(row)
+            except Exception as e:  # diagnostics only
+                out.append(dict(error=f"{type(e).__name__}: {e}"[:200]))
     return out
 
 

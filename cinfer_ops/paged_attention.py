@@ -561,24 +561,28 @@ def _pick(configs: dict, d_pad: int):
     return configs[min((k for k in configs if k >= d_pad), default=max(configs))]
 
 
+def _tiles(keys: int, cfg: DecodeConfig) -> int:
+    """keys rounded up to whole tiles of cfg.block_n."""
+    return triton.cdiv(keys, cfg.block_n) * cfg.block_n
+
+
 def _least_partition(pairs: int, cfg: DecodeConfig, num_sms: int) -> int:
     """The shortest split (keys, a multiple of cfg.block_n) a step of this many (token, kv_head) pairs may use."""
-    least = cfg.short_partition if 4 * pairs <= cfg.programs_per_sm * num_sms else cfg.min_partition
-    return triton.cdiv(least, cfg.block_n) * cfg.block_n
+    return _tiles(cfg.short_partition if 4 * pairs <= cfg.programs_per_sm * num_sms else cfg.min_partition, cfg)
 
 
-def _decode_partition(pairs: int, max_context: int, cfg: DecodeConfig, num_sms: int) -> int:
-    """Keys per split (a multiple of cfg.block_n), from shapes only: cfg.partition_size, or the split count of
-    DecodeConfig's rule for this many (token, kv_head) pairs, within cfg's split limits."""
+def _decode_partition(pairs: int, max_context: int, cfg: DecodeConfig, num_sms: int) -> tuple[int, int]:
+    """(keys per split, the least keys per split), multiples of cfg.block_n, from shapes only: cfg.partition_size,
+    or the split count of DecodeConfig's rule for this many (token, kv_head) pairs, within cfg's split limits."""
+    least = _least_partition(pairs, cfg, num_sms)
     if cfg.partition_size is not None:
         partition = cfg.partition_size
     else:
         target = cfg.programs_per_sm * num_sms
         want = target // pairs if pairs <= target else 2 if pairs <= 2 * target else 1
-        least = _least_partition(pairs, cfg, num_sms)
         splits = max(1, min(want, max_context // least, cfg.max_splits))  # no split shorter than least
         partition = triton.cdiv(max_context, splits)
-    return triton.cdiv(partition, cfg.block_n) * cfg.block_n
+    return _tiles(partition, cfg), least
 
 
 # The fused merge's arrival counters, one int32 per (token, kv_head), per device. Each launch leaves them all zero
@@ -621,14 +625,15 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
     group = num_heads // kv_heads
     d_pad = max(triton.next_power_of_2(head_dim), 16)
     max_context = block_tables.shape[1] * block_size
-    partition = _decode_partition(batch * kv_heads, max_context, cfg, _num_sms(query.device))
+    partition, least = _decode_partition(batch * kv_heads, max_context, cfg, _num_sms(query.device))
     num_splits = triton.cdiv(max_context, partition)
     fused = cfg.merge == "fused"
     # SPLIT: the kernel variant that can split. The fused merge lets a token whose context fits one split write
     # its output directly, so that variant also runs steps of one split: with it, the variant does not follow the
-    # batch (whose split count rises and falls, see DecodeConfig), only whether this table width allows splits.
+    # batch (whose split count rises and falls, see DecodeConfig), only whether this table width holds 2 splits
+    # of the least partition at one sequence (the least grows with the batch).
     split = num_splits > 1 or (fused and cfg.partition_size is None and cfg.max_splits > 1
-                               and max_context > min(cfg.min_partition, cfg.short_partition))
+                               and max_context >= 2 * _least_partition(kv_heads, cfg, _num_sms(query.device)))
     gm_pad = max(triton.next_power_of_2(group), 2)
     part_out = part_lse = merge_count = None
     if split:
@@ -643,7 +648,7 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
     launch(_decode_kernel, grid,
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, merge_count,
         qk_scale, batch, num_tokens, kv_heads, num_heads, num_splits, partition,
-        _least_partition(batch * kv_heads, cfg, _num_sms(query.device)),
+        least,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), GM_PAD=gm_pad, HEAD_DIM=head_dim, D_PAD=d_pad,

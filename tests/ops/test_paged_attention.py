@@ -265,7 +265,7 @@ def test_split_kv_fits_partitions_to_each_context(variant, monkeypatch):
     wide[:, :block_tables.shape[1]] = block_tables
     args = (query, k_cache, v_cache, wide, seq_lens, query_start_loc, scale)
     cfg = DecodeConfig(16, 4, 1, programs_per_sm=16, min_partition=16, short_partition=16, **variant)
-    assert paged_attention_module._decode_partition(7 * 2, 1024, cfg, 8) == 1024 // 8
+    assert paged_attention_module._decode_partition(7 * 2, 1024, cfg, 8) == (1024 // 8, 16)
     for fit in (True, False):
         check(case, paged_attention_triton(*args, decode_config=dataclasses.replace(cfg, fit_splits=fit)), args,
               f"fit_splits={fit}")
@@ -277,7 +277,10 @@ def test_decode_partition_sizing():
     # up to twice that take 2 splits, more take 1; no split shorter than short_partition / min_partition, at most
     # max_splits.
     default = DecodeConfig(128, 4, 2)
-    partition = paged_attention_module._decode_partition
+
+    def partition(*args):
+        return paged_attention_module._decode_partition(*args)[0]
+
     for batch, context, splits in [(4, 32768, 8), (8, 32768, 4), (16, 16384, 2), (33, 8192, 1), (34, 8192, 2),
                                    (64, 4096, 2), (66, 4096, 2), (67, 4096, 1), (128, 2048, 1), (256, 512, 1)]:
         assert partition(batch * 8, context, default, 132) == context // splits, (batch, context)
@@ -304,8 +307,8 @@ def test_decode_partition_sizing_invariants(pairs, width, block_n, programs_per_
     # a pair, the middle band), and no split shorter than the least partition unless the table itself is.
     cfg = DecodeConfig(block_n, 4, 2, programs_per_sm=programs_per_sm, min_partition=min_partition,
                        short_partition=short_partition, max_splits=max_splits)
-    partition = paged_attention_module._decode_partition(pairs, width, cfg, num_sms)
-    least = paged_attention_module._least_partition(pairs, cfg, num_sms)
+    partition, least = paged_attention_module._decode_partition(pairs, width, cfg, num_sms)
+    assert least == paged_attention_module._least_partition(pairs, cfg, num_sms)
     splits = -(-width // partition)
     assert partition % block_n == 0 and least % block_n == 0 and least >= min(short_partition, min_partition)
     assert 1 <= splits <= max_splits
