@@ -25,7 +25,8 @@ runs. Worker processes compile every candidate first (into Triton's on-disk cach
 Prints per-shape tables and a summary (ms, % of copy bandwidth over the K/V bytes, ratio to SDPA, best config per
 shape and the best single config over all three), and the registers, shared memory and resident programs per SM of
 each decode kernel variant it compiled; writes ``tune_decode_sweep.json`` into ``--out`` after each stage.
-``--candidates splits`` times the default tiling at fixed partition sizes instead (how many programs a step wants).
+``--candidates splits`` times the default tiling at fixed partition sizes instead (how many programs a step wants);
+``--candidates occupancy`` times tilings that fit more programs per SM than the default, at several split targets.
 """
 import argparse
 import dataclasses
@@ -286,6 +287,19 @@ def split_candidates() -> list[DecodeConfig]:
     return list(dict.fromkeys(out))
 
 
+def occupancy_candidates() -> list[DecodeConfig]:
+    """More resident programs per SM: tilings whose sm_90 compile (triton 3.6) fits 4-5 programs per SM (bn64 w4
+    s2: 96 registers, 38,912 B of shared memory; bn32 w4 s2: 96 and 21,504 B; bn32 w4 s3: 114 registers), against
+    the default's 3, at split-sizing targets of 2-5 programs per SM, and at one split whatever the shape."""
+    base = DECODE_CONFIGS[128]
+    out = [base, dataclasses.replace(base, programs_per_sm=3)]
+    for block_n, stages in ((64, 2), (32, 2), (32, 3)):
+        tiled = dataclasses.replace(base, block_n=block_n, num_stages=stages)
+        out += [dataclasses.replace(tiled, programs_per_sm=pps) for pps in (2, 3, 4, 5)]
+        out.append(dataclasses.replace(tiled, partition_size=32768))
+    return list(dict.fromkeys(out))
+
+
 def decode_inputs(shape: DecodeShape, dtype: torch.dtype, device: str, seed: int = 0, num_blocks: int | None = None):
     """paged_attention arguments for one decode step. num_blocks=None: the caches hold exactly the needed blocks,
     in a random physical order; an int: a cache of that many blocks that every table entry points into (same
@@ -542,7 +556,8 @@ def decode_sweep(opts):
             ctx, _, width = rest.partition("w")
             shapes.append(DecodeShape(int(batch), int(ctx), width=int(width or 0)))
     jobs = opts.jobs if opts.jobs is not None else (min(8, max(1, (os.cpu_count() or 2) - 2)) if DEVICE == "cuda" else 0)
-    candidates = dict(all=decode_sweep_candidates, splits=split_candidates)[opts.candidates]()
+    candidates = dict(all=decode_sweep_candidates, splits=split_candidates,
+                      occupancy=occupancy_candidates)[opts.candidates]()
     if opts.limit:
         candidates = candidates[:opts.limit]
     if opts.smoke:  # partitions scaled to the tiny contexts, so that splits and their merges run too
@@ -696,8 +711,9 @@ def main():
     parser.add_argument("--decode-sweep", action="store_true", help="the split-KV kernel's knobs and variants")
     parser.add_argument("--smoke", action="store_true", help="decode sweep at tiny shapes (runs on CPU)")
     parser.add_argument("--jobs", type=int, help="decode sweep compile workers (default: 8 on a GPU, 0 on CPU)")
-    parser.add_argument("--candidates", choices=["all", "splits"], default="all",
-                        help="decode sweep: the full stage-1 list, or the default tiling at fixed split sizes")
+    parser.add_argument("--candidates", choices=["all", "splits", "occupancy"], default="all",
+                        help="decode sweep: the full stage-1 list, the default tiling at fixed split sizes, or "
+                             "tilings with more resident programs per SM")
     parser.add_argument("--shapes", help="decode sweep: other shapes than the issue's, as BATCHxCONTEXT[wWIDTH],... "
                                          "(e.g. b4x32768,b8x1000w8192: WIDTH keys of block table)")
     parser.add_argument("--limit", type=int, help="decode sweep: only the first N stage-1 candidates")
