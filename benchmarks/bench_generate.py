@@ -10,6 +10,7 @@ Peers: ``cinfer`` (the defaults: on a GPU, async scheduling launches the next de
 step's tokens are read), ``cinfer_sync`` (``async_scheduling=False``), ``cinfer_cublas`` (every linear on cuBLAS,
 not the streaming kernel of ``cinfer_ops.linear``), ``cinfer_nopdl`` (no programmatic dependent launch),
 ``cinfer_whole`` (the rewritten graph compiled as one graph, not per distinct layer: ``graph_passes.layer_split``),
+``cinfer_unfused`` (the gate/up projection and its activation as two kernels: ``silu_mul_pass.LINEAR_SILU_MUL``),
 ``hf_static``, ``hf_eager``. Each cinfer engine gets a KV cache sized
 for the workload (twice the largest batch's tokens), not from free memory: a deleted engine's cache is not
 returned to the device (its compiled graph keeps it alive), so the second engine of the run must fit beside it.
@@ -28,6 +29,7 @@ from benchmarks.models import load_model, weight_bytes
 linear_op = importlib.import_module("cinfer_ops.linear")  # the module (the package's ``linear`` is the op)
 pdl = importlib.import_module("cinfer_ops.pdl")
 layer_split = importlib.import_module("graph_passes.layer_split")
+silu_mul_pass = importlib.import_module("graph_passes.silu_mul_pass")
 
 
 def _sync():
@@ -69,9 +71,9 @@ def bench_hf(model, prompts: torch.Tensor, new_tokens: int, static: bool) -> tup
 # peer -> (async_scheduling (None: the default), few-row linears on the streaming kernel (False: all on cuBLAS),
 #          programmatic dependent launch (cinfer_ops.pdl), the graph compiled per distinct layer
 #          (graph_passes.layer_split; False: as one graph))
-CINFER_PEERS = {"cinfer": (None, True, True, True), "cinfer_sync": (False, True, True, True),
-                "cinfer_cublas": (None, False, True, True), "cinfer_nopdl": (None, True, False, True),
-                "cinfer_whole": (None, True, True, False)}
+CINFER_PEERS = {"cinfer": (None, True, True, True, True), "cinfer_sync": (False, True, True, True, True),
+                "cinfer_cublas": (None, False, True, True, True), "cinfer_nopdl": (None, True, False, True, True),
+                "cinfer_whole": (None, True, True, False, True), "cinfer_unfused": (None, True, True, True, False)}
 BLOCK_SIZE = 16
 
 
@@ -133,7 +135,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--peers", default="cinfer,hf_static,hf_eager",
-                    help="comma list of cinfer, cinfer_sync, cinfer_cublas, hf_static, hf_eager")
+                    help="comma list of hf_static, hf_eager and " + ", ".join(CINFER_PEERS))
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -165,17 +167,20 @@ def main():
             prompts = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
             try:
                 if peer in CINFER_PEERS:
-                    async_scheduling, stream_linear, use_pdl, split_layers = CINFER_PEERS[peer]
-                    saved = linear_op.STREAM_ROWS, pdl.ENABLED, layer_split.ENABLED
+                    async_scheduling, stream_linear, use_pdl, split_layers, fuse_gated = CINFER_PEERS[peer]
+                    saved = (linear_op.STREAM_ROWS, pdl.ENABLED, layer_split.ENABLED,
+                             silu_mul_pass.LINEAR_SILU_MUL)
                     try:  # the ops pick kernels and launch options when a step runs or a CUDA graph is captured
                         linear_op.STREAM_ROWS = saved[0] if stream_linear else 0
                         pdl.ENABLED = saved[1] and use_pdl
                         layer_split.ENABLED = saved[2] and split_layers
+                        silu_mul_pass.LINEAR_SILU_MUL = saved[3] and fuse_gated
                         total, ttft, startup, engine = bench_cinfer(
                             model, prompts, args.new_tokens, max(batches), engine, async_scheduling=async_scheduling,
                             max_tokens_per_seq=args.prompt_len + args.new_tokens)
                     finally:
-                        linear_op.STREAM_ROWS, pdl.ENABLED, layer_split.ENABLED = saved
+                        (linear_op.STREAM_ROWS, pdl.ENABLED, layer_split.ENABLED,
+                         silu_mul_pass.LINEAR_SILU_MUL) = saved
                     if args.profile:
                         profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_{peer}.txt")
                     if startup == 0.0:
@@ -212,14 +217,15 @@ def main():
         sync = by.get(("cinfer_sync", r["batch"]))
         if r["peer"] == "cinfer" and sync and "tok_s" in r and "tok_s" in sync:
             r["x_cinfer_sync"] = r["tok_s"] / sync["tok_s"]
-        for other in ("cinfer_cublas", "cinfer_nopdl", "cinfer_whole"):
+        for other in ("cinfer_cublas", "cinfer_nopdl", "cinfer_whole", "cinfer_unfused"):
             o = by.get((other, r["batch"]))
             if r["peer"] == "cinfer" and o and "tok_s" in r and "tok_s" in o:
                 r["x_" + other] = r["tok_s"] / o["tok_s"]
     print_table(rows, ["peer", "batch", "tok_s", "tpot_ms", "ttft_ms", "startup_s", "compile_s", "passes_s",
                        "inner_compile_s", "pieces_compiled", "cuda_graphs_s",
                        "pct_roofline", "x_hf_static",
-                       "x_cinfer_sync", "x_cinfer_cublas", "x_cinfer_nopdl", "x_cinfer_whole", "overlapped_steps", "error"])
+                       "x_cinfer_sync", "x_cinfer_cublas", "x_cinfer_nopdl", "x_cinfer_whole", "x_cinfer_unfused",
+                       "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_generate_{args.model.replace('/', '_')}.json",
                dict(info=info, copy_gbps=bw, weight_bytes=wbytes, roofline_tok_s=roofline, args=vars(args), rows=rows))
 

@@ -9,7 +9,7 @@ from cinfer_ops.rms_norm import MANY_ROWS, fused_add_rms_norm, rms_norm  # noqa:
 from cinfer_ops.kv_cache_write import MANY_TOKENS, kv_cache_write  # noqa: F401
 from cinfer_ops.paged_attention import paged_attention  # noqa: F401
 from cinfer_ops.rope_kv_cache_write import rope_kv_cache_write  # noqa: F401
-from cinfer_ops.linear import linear  # noqa: F401
+from cinfer_ops.linear import linear, linear_silu_mul  # noqa: F401
 from cinfer_ops.silu_mul import silu_mul  # noqa: F401
 
 # The Triton launchers pick their kernel variants (constexprs, num_warps) from the model's shapes, the cache and
@@ -20,4 +20,4 @@ from cinfer_ops.silu_mul import silu_mul  # noqa: F401
 VARIANT_TOKEN_THRESHOLDS = (MANY_ROWS, MANY_TOKENS)
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "kv_cache_write", "paged_attention", "rope_kv_cache_write", "linear",
-           "silu_mul", "VARIANT_TOKEN_THRESHOLDS"]
+           "linear_silu_mul", "silu_mul", "VARIANT_TOKEN_THRESHOLDS"]

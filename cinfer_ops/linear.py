@@ -13,6 +13,7 @@ implementation chooses per call, from ``LINEAR_CONFIGS``, so the choice is made 
 nothing at replay. The choice is per weight shape: a few-row GEMM against a weight that cuBLAS streams as fast
 stays on cuBLAS.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from cinfer_ops.launch import launch
 from cinfer_ops.pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
+from cinfer_ops.silu_mul import silu_mul_reference, silu_mul_triton
 
 # Rows of x up to which the streaming kernel can run (its tensor-core tile height).
 MAX_STREAM_ROWS = 16
@@ -37,11 +39,12 @@ class LinearConfig:
 
 
 # When the op streams: x with at most STREAM_ROWS rows (0 turns the kernel off), with the config of the weight's
-# (N, K) in LINEAR_CONFIGS, or DEFAULT_LINEAR_CONFIG for other shapes; a shape mapped to None stays on cuBLAS.
-# Chosen by benchmarks/tune_linear.py on an H100 (see benchmarks/RESULTS.md).
+# (N, K) in the GPU's table, or DEFAULT_LINEAR_CONFIG for other shapes; a shape mapped to None stays on cuBLAS.
+# Chosen by benchmarks/tune_linear.py on each GPU (see benchmarks/RESULTS.md). The best config follows the card: on
+# an H200, Llama-3-8B batch 1 ran 217 tok/s with the H100's table and 235 with its own (session 8).
 STREAM_ROWS = MAX_STREAM_ROWS
 DEFAULT_LINEAR_CONFIG = LinearConfig()  # the best single config over the 8B shapes (run J)
-LINEAR_CONFIGS: dict[tuple[int, int], LinearConfig | None] = {
+H100_LINEAR_CONFIGS: dict[tuple[int, int], LinearConfig | None] = {
     # Llama-3-8B: fused q/k/v, o_proj, fused gate/up, down_proj, lm_head
     (6144, 4096): LinearConfig(64, 128, 4, 5), (4096, 4096): LinearConfig(64, 256, 4, 4),
     (28672, 4096): LinearConfig(128, 128, 8, 4), (4096, 14336): LinearConfig(32, 512, 4, 3),
@@ -50,6 +53,17 @@ LINEAR_CONFIGS: dict[tuple[int, int], LinearConfig | None] = {
     (3072, 2048): LinearConfig(64, 128, 4, 5), (2048, 2048): None, (16384, 2048): LinearConfig(64, 128, 4, 4),
     (2048, 8192): LinearConfig(32, 512, 4, 4), (128256, 2048): LinearConfig(64, 256, 4, 4),
 }
+H200_LINEAR_CONFIGS: dict[tuple[int, int], LinearConfig | None] = {  # RESULTS.md, session 8
+    (6144, 4096): LinearConfig(64, 256, 4, 4), (4096, 4096): LinearConfig(32, 512, 4, 4),
+    (28672, 4096): LinearConfig(64, 128, 4, 4), (4096, 14336): LinearConfig(32, 512, 4, 4),
+    (128256, 4096): LinearConfig(64, 128, 4, 3),
+    (3072, 2048): LinearConfig(32, 512, 4, 4), (2048, 2048): LinearConfig(32, 512, 4, 4),
+    (16384, 2048): LinearConfig(64, 128, 4, 3), (2048, 8192): None, (128256, 2048): LinearConfig(128, 128, 8, 3),
+}
+# Tables by GPU model: the first key found in torch.cuda.get_device_name(); any other GPU gets the H100's.
+GPU_LINEAR_CONFIGS = {"H200": H200_LINEAR_CONFIGS, "H100": H100_LINEAR_CONFIGS}
+# One table for every GPU instead (tune_linear.py's output through bench_generate --linear-configs, tests), or None.
+LINEAR_CONFIGS: dict[tuple[int, int], LinearConfig | None] | None = None
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -70,27 +84,53 @@ def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def pick_linear_config(rows: int, n: int, k: int) -> LinearConfig | None:
-    """The streaming kernel's config for x of ``rows`` rows against weight [n, k], or None for cuBLAS."""
+@functools.cache
+def _gpu_table(name: str) -> dict[tuple[int, int], LinearConfig | None]:
+    return next((table for model, table in GPU_LINEAR_CONFIGS.items() if model in name), H100_LINEAR_CONFIGS)
+
+
+def linear_configs(device: torch.device | None = None) -> dict[tuple[int, int], LinearConfig | None]:
+    """The config table for ``device``: ``LINEAR_CONFIGS`` if set, else its GPU model's (the H100's on CPU)."""
+    if LINEAR_CONFIGS is not None:
+        return LINEAR_CONFIGS
+    if device is None or device.type != "cuda":
+        return H100_LINEAR_CONFIGS
+    return _gpu_table(torch.cuda.get_device_name(device))
+
+
+def pick_linear_config(rows: int, n: int, k: int, device: torch.device | None = None) -> LinearConfig | None:
+    """The streaming kernel's config for x of ``rows`` rows against weight [n, k] on ``device``, or None for
+    cuBLAS."""
     if rows > min(STREAM_ROWS, MAX_STREAM_ROWS):
         return None
-    return LINEAR_CONFIGS.get((n, k), DEFAULT_LINEAR_CONFIG)
+    return linear_configs(device).get((n, k), DEFAULT_LINEAR_CONFIG)
 
 
 @triton.jit(do_not_specialize=["M"])  # one variant for every row count (1 and 16 would each get their own)
 def _stream_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr, GATED: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # The K loop is software-pipelined num_stages deep (a launch option).
     # Program p computes out[:, p*BLOCK_N : (p+1)*BLOCK_N] as (W[rows] @ x^T)^T. Weight rows past N (the last
     # program) and x rows past M load as zero and are never stored.
-    rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # GATED: the weight has 2N rows, gate rows [0, N) then up rows [N, 2N), and out[:, j] = silu(gate_j) * up_j.
+    # Program p takes output columns [p*H, (p+1)*H), H = BLOCK_N // 2: its tile's first H rows are their gate
+    # rows, the last H their up rows, so the K loop is the plain kernel's and only the epilogue differs.
     rows_m = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
-    n_ok = rows_n < N
     m_ok = rows_m < M
+    if GATED:
+        HALF: tl.constexpr = BLOCK_N // 2
+        tile = tl.arange(0, BLOCK_N)
+        cols = tl.program_id(0) * HALF + tile % HALF  # the output column of each tile row
+        n_ok = cols < N
+        rows_n = cols + (tile // HALF) * N
+    else:
+        rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rows_n < N
     pdl_wait(USE_PDL)  # x comes from the previous kernel (cinfer_ops.pdl)
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]        # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows_m.to(tl.int64)[None, :] * stride_xm + ks[:, None]        # [BLOCK_K, BLOCK_M]
@@ -114,8 +154,20 @@ def _stream_linear_kernel(
     pdl_launch_dependents(USE_PDL)  # the next kernel may become resident during this one's tail
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + rows_m.to(tl.int64)[None, :] * stride_om + rows_n[:, None]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+    dtype = out_ptr.dtype.element_ty
+    if GATED:
+        # [gate rows; up rows] -> (gate, up), each [HALF, BLOCK_M]; then cinfer::silu_mul's rounding: each
+        # projection rounded to the dtype, silu in fp32 rounded, the product in fp32 rounded.
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (2, HALF, BLOCK_M)), (1, 2, 0)))
+        gate = gate.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+        result = (act.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
+        out_cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
+        out_ptrs = out_ptr + rows_m.to(tl.int64)[None, :] * stride_om + out_cols[:, None]
+        tl.store(out_ptrs, result, mask=(out_cols < N)[:, None] & m_ok[None, :])
+    else:
+        out_ptrs = out_ptr + rows_m.to(tl.int64)[None, :] * stride_om + rows_n[:, None]
+        tl.store(out_ptrs, acc.to(dtype), mask=n_ok[:, None] & m_ok[None, :])
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -130,12 +182,22 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
             raise ValueError(f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
 
 
+def _check_gated(weight: Tensor) -> None:
+    if weight.dim() == 2 and weight.shape[0] % 2:
+        raise ValueError(f"a gated weight stacks gate and up rows, so its rows must be even, got {tuple(weight.shape)}")
+
+
 def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
-                         config: LinearConfig | None = None) -> Tensor:
+                         config: LinearConfig | None = None, gated: bool = False) -> Tensor:
     """The streaming kernel for x: [..., K] with at most ``MAX_STREAM_ROWS`` rows, weight [N, K] (unit stride along
-    K), bias [N] or None; one dtype of bf16/fp16/fp32. Returns a contiguous [..., N]."""
+    K), bias [N] or None; one dtype of bf16/fp16/fp32. Returns a contiguous [..., N].
+    ``gated``: ``linear_silu_mul`` instead, a contiguous [..., N // 2] (the weight stacks gate rows, then up rows)."""
     _check(x, weight, bias)
+    if gated:
+        _check_gated(weight)
     n, k = weight.shape
+    if gated:
+        n //= 2  # output columns
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if m > MAX_STREAM_ROWS:
@@ -147,12 +209,13 @@ def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
         config = config or DEFAULT_LINEAR_CONFIG
-        launch(_stream_linear_kernel, (triton.cdiv(n, config.block_n),),
+        columns = config.block_n // 2 if gated else config.block_n  # output columns per program
+        launch(_stream_linear_kernel, (triton.cdiv(n, columns),),
             x2, weight, bias if bias is not None else weight, out, m, n, k,
             x2.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN_K=k % config.block_k == 0, UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
-            FP32_IEEE=x.dtype == torch.float32,
+            FP32_IEEE=x.dtype == torch.float32, GATED=gated,
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_options(x.device),
         )
     return out.view(*x.shape[:-1], n)
@@ -168,7 +231,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 @linear.register_kernel("cuda")
 def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     rows = x.numel() // max(x.shape[-1], 1)
-    config = pick_linear_config(rows, *weight.shape) if weight.dim() == 2 else None
+    config = pick_linear_config(rows, *weight.shape, x.device) if weight.dim() == 2 else None
     if config is None or x.dtype not in _DTYPES or weight.stride(-1) != 1:
         return linear_reference(x, weight, bias).contiguous()
     return linear_stream_triton(x, weight, bias, config=config)
@@ -177,3 +240,41 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 @linear.register_fake
 def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear_silu_mul_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``silu_mul(*F.linear(x, weight, bias).chunk(2, -1))``: the two ops it replaces, with their rounding."""
+    gate, up = linear_reference(x, weight, bias).chunk(2, -1)
+    return silu_mul_reference(gate, up)
+
+
+@torch.library.custom_op("cinfer::linear_silu_mul", mutates_args=(), device_types="cpu")
+def linear_silu_mul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A gated MLP's activation of a fused gate/up projection: with ``y = F.linear(x, weight, bias)`` and ``I =
+    out_features // 2``, ``silu(y[..., :I]) * y[..., I:]``. x: [..., in_features]; weight: [2 * I, in_features],
+    the gate rows then the up rows; bias: [2 * I] or None. Returns a contiguous [..., I] in x.dtype.
+
+    On the GPU a few-row x runs the streaming kernel with the activation in its epilogue: one kernel instead of
+    the projection and ``cinfer::silu_mul``, and the [..., 2 * I] projection is never written."""
+    _check(x, weight, bias)
+    _check_gated(weight)
+    return linear_silu_mul_reference(x, weight, bias)
+
+
+@linear_silu_mul.register_kernel("cuda")
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    _check(x, weight, bias)
+    _check_gated(weight)
+    rows = x.numel() // max(x.shape[-1], 1)
+    config = pick_linear_config(rows, *weight.shape, x.device)
+    if config is None or x.dtype not in _DTYPES or weight.stride(-1) != 1:
+        gate, up = linear_reference(x, weight, bias).chunk(2, -1)
+        return silu_mul_triton(gate, up)
+    return linear_stream_triton(x, weight, bias, config=config, gated=True)
+
+
+@linear_silu_mul.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    _check(x, weight, bias)
+    _check_gated(weight)
+    return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))

@@ -14,6 +14,8 @@ Order (each pass is a plain ``GraphModule -> int`` function in its own module):
    included; ``F.linear`` -> ``cinfer.linear`` (a streaming kernel for few-row steps on the GPU)
 7. ``silu_mul``            (``silu_mul_pass.fuse_silu_mul``)                -- a gated MLP's ``silu(gate) * up`` ->
    ``cinfer.silu_mul`` (a kernel launched like the others, with programmatic dependent launch)
+8. ``linear_silu_mul``     (``silu_mul_pass.fuse_linear_silu_mul``)         -- needs 5, 6 and 7: ``cinfer.silu_mul``
+   of the two halves of a fused gate/up ``cinfer.linear`` -> ``cinfer.linear_silu_mul`` (one streaming kernel)
 
 The passes run inside ``fx_utils.passes_deferred``: the graph's code is regenerated once, after the last pass, and the
 fake values of the nodes they insert are computed when a later pass reads them, or after the last pass.
@@ -35,11 +37,12 @@ from graph_passes.linear_pass import route_linears
 from graph_passes.paged_inputs import PagedInputs
 from graph_passes.rms_norm_pass import fuse_rms_norm
 from graph_passes.rope_pass import fuse_rope_kv_cache_write
-from graph_passes.silu_mul_pass import fuse_silu_mul
+from graph_passes.silu_mul_pass import fuse_linear_silu_mul, fuse_silu_mul
 
 logger = logging.getLogger(__name__)
 
-PASS_ORDER = ("attention", "rope", "rms_norm", "fused_add_rms_norm", "fuse_projections", "linear", "silu_mul")
+PASS_ORDER = ("attention", "rope", "rms_norm", "fused_add_rms_norm", "fuse_projections", "linear", "silu_mul",
+              "linear_silu_mul")
 
 
 def model_class_name(gm: fx.GraphModule) -> str:
@@ -97,6 +100,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: list | None = None, *, num_la
         report["fuse_projections"] = fuse_projections(gm, example_inputs)
         report["linear"] = route_linears(gm)
         report["silu_mul"] = fuse_silu_mul(gm)
+        report["linear_silu_mul"] = fuse_linear_silu_mul(gm)
     gm.graph.lint()
     logger.info("%s: graph passes rewrote %s", model_name, ", ".join(f"{k}={v}" for k, v in report.items()))
     return report

@@ -31,3 +31,9 @@ MATMUL = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
+# A dot product per half, each rounded, then SiLU and the product, each rounded (cinfer::linear_silu_mul).
+GATED_MATMUL = {
+    torch.float32: (4e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3.2e-2, 3.2e-2),
+}

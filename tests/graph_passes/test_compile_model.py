@@ -16,7 +16,8 @@ def _assert_rewritten(paged, num_layers: int) -> None:
     """Exact op counts of the graph handed to the inner backend."""
     assert paged.report == {"attention": num_layers, "rope": num_layers, "rms_norm": 2 * num_layers + 1,
                             "fused_add_rms_norm": 2 * num_layers, "fuse_projections": 2 * num_layers,
-                            "linear": 4 * num_layers + 1, "silu_mul": num_layers}
+                            "linear": 4 * num_layers + 1, "silu_mul": num_layers,
+                            "linear_silu_mul": num_layers}
     before, after = paged.ops_before, op_counts(paged.graph_module)
     assert before["rsqrt"] == 2 * num_layers + 1
     assert before["sdpa"] + before["softmax"] == num_layers
@@ -38,10 +39,12 @@ def _assert_rewritten(paged, num_layers: int) -> None:
         if node.target is torch.ops.cinfer.rope_kv_cache_write.default:
             for operand in node.args[:3]:
                 assert _projection_view(operand), operand.format_node()
-    # per layer q/k/v -> one linear, gate/up -> one linear; o_proj, down_proj and lm_head stay; all become cinfer.linear
+    # per layer q/k/v -> one linear, gate/up -> one linear; o_proj, down_proj and lm_head stay; all become
+    # cinfer.linear, except gate/up, which becomes one cinfer.linear_silu_mul with the activation
     assert before["linear"] == 7 * num_layers + 1 and after["linear"] == 0
-    assert after["cinfer.linear.default"] == 4 * num_layers + 1
-    assert after["cinfer.silu_mul.default"] == num_layers
+    assert after["cinfer.linear.default"] == 3 * num_layers + 1
+    assert after["cinfer.linear_silu_mul.default"] == num_layers
+    assert after["cinfer.silu_mul.default"] == 0
     assert before["silu"] == num_layers and after["silu"] == 0
     # HF's causal-mask construction (packed-sequence detection from positions, the mask itself) is dead and gone.
     assert after["diff"] == 0 and after["cumsum"] == 0

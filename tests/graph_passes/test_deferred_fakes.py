@@ -20,7 +20,9 @@ from tests.tolerances import LOGITS
 
 CINFER_OPS = {torch.ops.cinfer.rope_kv_cache_write.default, torch.ops.cinfer.kv_cache_write.default,
               torch.ops.cinfer.paged_attention.default, torch.ops.cinfer.rms_norm.default,
-              torch.ops.cinfer.fused_add_rms_norm.default, torch.ops.cinfer.linear.default}
+              torch.ops.cinfer.fused_add_rms_norm.default, torch.ops.cinfer.linear.default,
+              torch.ops.cinfer.linear_silu_mul.default}
+LINEAR_SILU_MUL = torch.ops.cinfer.linear_silu_mul.default
 LAYOUT_METHODS = {"squeeze", "unsqueeze", "transpose", "contiguous"}
 
 
@@ -147,14 +149,15 @@ def test_fused_projection_values_are_linears(variant):
     paged = compile_model(model, *make_caches(model), inner_backend="eager")
     run_scenario(model, paged, LOGITS)
     gm = paged.graph_module
-    fused = [n for n in gm.graph.nodes if n.target is torch.ops.cinfer.linear.default
+    fused = [n for n in gm.graph.nodes if n.target in (torch.ops.cinfer.linear.default, LINEAR_SILU_MUL)
              and n.args[1].op == "get_attr" and n.args[1].target.startswith(CONSTANT_PREFIX)]
     assert len(fused) == 2 * paged.traced_layers  # the layers Dynamo traced (layer_replication)
     values = []
     for node in fused:
         x, weight, bias = (a.meta["example_value"] if isinstance(a, torch.fx.Node) else a for a in node.args)
         with x.fake_mode, enable_python_dispatcher():
-            expected = F.linear(x, weight, bias)
+            # (gate/up with its activation: the op's own fake kernel, a fresh contiguous [..., I])
+            expected = LINEAR_SILU_MUL(x, weight, bias) if node.target is LINEAR_SILU_MUL else F.linear(x, weight, bias)
         value = node.meta["example_value"]
         _assert_same_layout(value, expected, node.name)
         assert value.requires_grad == expected.requires_grad and value.storage_offset() == 0

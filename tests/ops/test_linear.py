@@ -1,4 +1,4 @@
-"""cinfer::linear and its streaming Triton kernel against an independent float64 reference.
+"""cinfer::linear, cinfer::linear_silu_mul and their streaming Triton kernel against independent float64 references.
 
 Inputs are random and never zero. The x rows and weight rows the kernel must not read (past M, past N, the padding
 between strided weight rows) are NaN: a single read of one would poison an output.
@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 
 from cinfer_ops.linear import MAX_STREAM_ROWS, LinearConfig, linear_stream_triton, pick_linear_config
 from tests.conftest import HAS_CUDA, TRITON_DEVICE
-from tests.tolerances import MATMUL, assert_close
+from tests.tolerances import ELEMENTWISE, GATED_MATMUL, MATMUL, assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 OP_DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
@@ -150,3 +150,59 @@ def test_dependent_chain_in_cuda_graph():
         h = torch.ops.cinfer.rms_norm(x, norm_w, 1e-5)
         expected = torch.nn.functional.linear(torch.nn.functional.linear(h, w1), w2)
         torch.testing.assert_close(out.float(), expected.float(), atol=0.1, rtol=2e-2)
+
+
+# --- cinfer::linear_silu_mul: the gate/up projection with the activation in the kernel's epilogue -----------------
+
+def gated_f64(x, w, b):
+    """silu(gate) * up of the float64 projection, gate the first half of its columns."""
+    gate, up = linear_f64(x, w, b).chunk(2, -1)
+    return gate / (1 + torch.exp(-gate)) * up
+
+
+@given(m=st.integers(1, MAX_STREAM_ROWS), half=st.one_of(st.integers(1, 80), st.sampled_from([8, 32, 48])),
+       k=st.one_of(st.integers(1, 200), st.sampled_from([32, 64, 128])), dtype=st.sampled_from(DTYPES),
+       bias=st.booleans(), row_pad=st.sampled_from([0, 8]), config=configs, seed=st.integers(0, 2**31 - 1))
+def test_gated_stream_kernel_matches_float64_reference(m, half, k, dtype, bias, row_pad, config, seed):
+    """Weight rows past 2 * half, padding columns and x rows past m are NaN (poisoned_operands)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, w, b = poisoned_operands(gen, m, 2 * half, k, dtype, bias, row_pad, TRITON_DEVICE)
+    w = w / k ** 0.5  # projections of order 1, where the activation's rounding is what the tolerance covers
+    out = linear_stream_triton(x, w, b, config=config, gated=True)
+    assert out.shape == (m, half) and out.dtype == dtype and out.is_contiguous()
+    assert_close(out, gated_f64(x, w, b), GATED_MATMUL, dtype, msg=f"{config}")
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+@pytest.mark.parametrize("m", [1, 2, MAX_STREAM_ROWS, MAX_STREAM_ROWS + 1, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_silu_mul_op_matches_float64_reference(device, m, dtype):
+    """Both sides of the streaming kernel's row limit (cuBLAS + silu_mul above it), with a leading batch dim, and
+    equal within one rounding to the two ops it replaces."""
+    gen = torch.Generator().manual_seed(m)
+    half, k = 72, 136
+    x, w, b = poisoned_operands(gen, m, 2 * half, k, dtype, True, 8, device)
+    w = w / k ** 0.5
+    out = torch.ops.cinfer.linear_silu_mul(x[None], w, b)
+    assert out.shape == (1, m, half) and out.dtype == dtype and out.is_contiguous()
+    assert_close(out[0], gated_f64(x, w, b), GATED_MATMUL, dtype)
+    gate, up = torch.ops.cinfer.linear(x, w, None).chunk(2, -1)
+    assert_close(torch.ops.cinfer.linear_silu_mul(x, w, None), torch.ops.cinfer.silu_mul(gate, up), ELEMENTWISE, dtype)
+
+
+def test_linear_silu_mul_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    for device in OP_DEVICES:
+        x, w, b = poisoned_operands(gen, 3, 24, 40, torch.float32, True, 0, device)
+        torch.library.opcheck(torch.ops.cinfer.linear_silu_mul.default, (x, w, b))
+        torch.library.opcheck(torch.ops.cinfer.linear_silu_mul.default, (x[None], w, None))
+
+
+def test_linear_silu_mul_bad_input_is_named():
+    x, w = torch.randn(2, 16), torch.randn(9, 16)
+    with pytest.raises(ValueError, match="even"):
+        torch.ops.cinfer.linear_silu_mul(x, w, None)
+    with pytest.raises(ValueError, match="even"):
+        linear_stream_triton(x.to(TRITON_DEVICE), w.to(TRITON_DEVICE), gated=True)
+    with pytest.raises(ValueError, match="in_features"):
+        torch.ops.cinfer.linear_silu_mul(torch.randn(2, 12), w[:8], None)
