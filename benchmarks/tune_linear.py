@@ -54,20 +54,12 @@ def candidates(smoke: bool = False) -> list[LinearConfig]:
         return [LinearConfig(16, 32, 4, 2), LinearConfig(32, 64, 2, 1)]
     tiles = [(16, 256), (16, 512), (16, 1024), (32, 256), (32, 512), (64, 128), (64, 256), (128, 128)]
     stages = {16: (3, 4, 6), 32: (3, 4, 5), 64: (3, 4, 5), 128: (3, 4, 6)}
-    out = [LinearConfig(n, k, w, s) for (n, k), w in itertools.product(tiles, (4, 8))
-           for s in stages[n] if n * k * 2 * s <= 196608]
-    # Fewer output columns than the tile holds, for grids that fill the SMs (132 on an H100/H200): q/k/v's 6144
-    # rows in 48-row programs are 128 programs, in 24-row ones 256; gate/up's 28672 in 112-row ones 256.
-    out += [LinearConfig(64, 256, 4, 4, rows=48), LinearConfig(64, 128, 4, 5, rows=48),
-            LinearConfig(64, 256, 4, 3, rows=48), LinearConfig(64, 256, 8, 4, rows=48),
-            LinearConfig(32, 512, 4, 4, rows=24), LinearConfig(32, 256, 4, 4, rows=24),
-            LinearConfig(128, 128, 8, 4, rows=112), LinearConfig(128, 128, 8, 3, rows=112),
-            LinearConfig(128, 128, 8, 4, rows=80), LinearConfig(64, 128, 4, 4, rows=56)]
-    return out
+    return [LinearConfig(n, k, w, s) for (n, k), w in itertools.product(tiles, (4, 8))
+            for s in stages[n] if n * k * 2 * s <= 196608]
 
 
 def _label(c: LinearConfig) -> str:
-    return f"n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}" + (f" r{c.rows}" if c.rows else "")
+    return f"n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}"
 
 
 def _compile_worker(job):

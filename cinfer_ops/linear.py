@@ -32,21 +32,10 @@ MAX_STREAM_ROWS = 16
 
 @dataclass(frozen=True)
 class LinearConfig:
-    block_n: int = 64       # weight rows per tile (a power of two)
+    block_n: int = 64       # weight rows per program
     block_k: int = 256      # K elements per pipeline stage
     num_warps: int = 4
     num_stages: int = 4
-    # Output columns per program when fewer than the tile holds (0: all of them, block_n, or block_n // 2 gated):
-    # the rest of the tile is masked and never loaded. It sets the grid to any size, e.g. one program per SM:
-    # q/k/v's 6144 rows in 64-row programs are 96 programs on 132 SMs, in 48-row ones 128.
-    rows: int = 0
-
-    def columns(self, gated: bool = False) -> int:
-        """Output columns per program."""
-        tile = self.block_n // 2 if gated else self.block_n
-        if not 0 <= self.rows <= tile:
-            raise ValueError(f"rows must be in [0, {tile}] for a {self.block_n}-row tile, got {self.rows}")
-        return self.rows or tile
 
 
 # When the op streams: x with at most STREAM_ROWS rows (0 turns the kernel off), with the config of the weight's
@@ -80,7 +69,7 @@ _DTYPES = (torch.bfloat16, torch.float16)
 
 def load_linear_configs(path: str) -> dict[tuple[int, int], LinearConfig | None]:
     """A ``linear_configs`` table as ``benchmarks/tune_linear.py`` writes it (JSON: "N,K" -> [block_n, block_k,
-    num_warps, num_stages(, rows)] or null), for ``LINEAR_CONFIGS``."""
+    num_warps, num_stages] or null), for ``LINEAR_CONFIGS``."""
     import json
 
     with open(path) as f:
@@ -122,31 +111,26 @@ def _stream_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr, GATED: tl.constexpr,
-    COLUMNS: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # The K loop is software-pipelined num_stages deep (a launch option).
-    # Program p computes out[:, p*COLUMNS : (p+1)*COLUMNS] as (W[rows] @ x^T)^T, COLUMNS <= BLOCK_N. Tile rows
-    # past COLUMNS, weight rows past N (the last program) and x rows past M load as zero and are never stored.
+    # Program p computes out[:, p*BLOCK_N : (p+1)*BLOCK_N] as (W[rows] @ x^T)^T. Weight rows past N (the last
+    # program) and x rows past M load as zero and are never stored.
     # GATED: the weight has 2N rows, gate rows [0, N) then up rows [N, 2N), and out[:, j] = silu(gate_j) * up_j.
-    # The tile's first H = BLOCK_N // 2 rows are its columns' gate rows, the last H their up rows (COLUMNS <= H),
-    # so the K loop is the plain kernel's and only the epilogue differs.
+    # Program p takes output columns [p*H, (p+1)*H), H = BLOCK_N // 2: its tile's first H rows are their gate
+    # rows, the last H their up rows, so the K loop is the plain kernel's and only the epilogue differs.
     rows_m = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
     m_ok = rows_m < M
     if GATED:
         HALF: tl.constexpr = BLOCK_N // 2
         tile = tl.arange(0, BLOCK_N)
-        cols = tl.program_id(0) * COLUMNS + tile % HALF  # the output column of each tile row
+        cols = tl.program_id(0) * HALF + tile % HALF  # the output column of each tile row
         n_ok = cols < N
-        if COLUMNS < HALF:
-            n_ok = n_ok & (tile % HALF < COLUMNS)
         rows_n = cols + (tile // HALF) * N
     else:
-        tile = tl.arange(0, BLOCK_N)
-        rows_n = tl.program_id(0) * COLUMNS + tile
+        rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rows_n < N
-        if COLUMNS < BLOCK_N:
-            n_ok = n_ok & (tile < COLUMNS)
     pdl_wait(USE_PDL)  # x comes from the previous kernel (cinfer_ops.pdl)
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]        # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows_m.to(tl.int64)[None, :] * stride_xm + ks[:, None]        # [BLOCK_K, BLOCK_M]
@@ -178,10 +162,9 @@ def _stream_linear_kernel(
         gate = gate.to(dtype).to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
         result = (act.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
-        out_cols = tl.program_id(0) * COLUMNS + tl.arange(0, HALF)
+        out_cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
         out_ptrs = out_ptr + rows_m.to(tl.int64)[None, :] * stride_om + out_cols[:, None]
-        col_ok = (out_cols < N) & (tl.arange(0, HALF) < COLUMNS)
-        tl.store(out_ptrs, result, mask=col_ok[:, None] & m_ok[None, :])
+        tl.store(out_ptrs, result, mask=(out_cols < N)[:, None] & m_ok[None, :])
     else:
         out_ptrs = out_ptr + rows_m.to(tl.int64)[None, :] * stride_om + rows_n[:, None]
         tl.store(out_ptrs, acc.to(dtype), mask=n_ok[:, None] & m_ok[None, :])
@@ -226,13 +209,13 @@ def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
         config = config or DEFAULT_LINEAR_CONFIG
-        columns = config.columns(gated)
+        columns = config.block_n // 2 if gated else config.block_n  # output columns per program
         launch(_stream_linear_kernel, (triton.cdiv(n, columns),),
             x2, weight, bias if bias is not None else weight, out, m, n, k,
             x2.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN_K=k % config.block_k == 0, UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
-            FP32_IEEE=x.dtype == torch.float32, GATED=gated, COLUMNS=columns,
+            FP32_IEEE=x.dtype == torch.float32, GATED=gated,
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_options(x.device),
         )
     return out.view(*x.shape[:-1], n)

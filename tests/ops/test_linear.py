@@ -3,7 +3,6 @@
 Inputs are random and never zero. The x rows and weight rows the kernel must not read (past M, past N, the padding
 between strided weight rows) are NaN: a single read of one would poison an output.
 """
-import dataclasses
 import importlib
 
 import pytest
@@ -45,11 +44,8 @@ def linear_f64(x, w, b):
     return out + b.double() if b is not None else out
 
 
-# Tiles, and output columns per program: all the tile holds (0), or fewer (1, and an odd count that fits the gated
-# half tile too), so that masked tile rows and programs that start mid-tile are exercised.
 configs = st.builds(LinearConfig, block_n=st.sampled_from([16, 32, 64]), block_k=st.sampled_from([16, 32, 64]),
-                    num_warps=st.sampled_from([1, 2, 4]), num_stages=st.sampled_from([1, 2, 3])).flatmap(
-    lambda c: st.sampled_from([0, 1, c.block_n // 2 - 3]).map(lambda rows: dataclasses.replace(c, rows=rows)))
+                    num_warps=st.sampled_from([1, 2, 4]), num_stages=st.sampled_from([1, 2, 3]))
 
 
 @given(m=st.integers(1, MAX_STREAM_ROWS), n=st.one_of(st.integers(1, 150), st.sampled_from([16, 64, 96])),
@@ -105,11 +101,6 @@ def test_bad_input_is_named():
         linear_stream_triton(x, w.half())
     with pytest.raises(ValueError, match="at most"):
         linear_stream_triton(torch.randn(MAX_STREAM_ROWS + 1, 16, device=TRITON_DEVICE), w)
-    with pytest.raises(ValueError, match="rows must be in"):
-        linear_stream_triton(x, w, config=LinearConfig(16, 16, 4, 2, rows=17))
-    with pytest.raises(ValueError, match="rows must be in"):
-        linear_stream_triton(x, torch.randn(32, 16, device=TRITON_DEVICE), config=LinearConfig(16, 16, 4, 2, rows=9),
-                             gated=True)
 
 
 def test_config_choice(monkeypatch):
