@@ -232,7 +232,7 @@ KNOB_GROUPS = {  # stage 2 transplants each group as a unit
 }
 _SHORT = dict(partition_size="part", programs_per_sm="pps", min_partition="minp", max_splits="maxs",
               grid_order="order", merge="merge", direct_single_split="direct", fit_splits="fit",
-              short_partition="short")
+              short_partition="short", wave_block_n="wave", resident="res", wave_resident="wres")
 
 
 def label(cfg: DecodeConfig) -> str:
@@ -290,11 +290,12 @@ def split_candidates() -> list[DecodeConfig]:
 def occupancy_candidates() -> list[DecodeConfig]:
     """More resident programs per SM: tilings whose sm_90 compile (triton 3.6) fits 4-5 programs per SM (bn64 w4
     s2: 96 registers, 38,912 B of shared memory; bn32 w4 s2: 96 and 21,504 B; bn32 w4 s3: 114 registers), against
-    the default's 3, at split-sizing targets of 2-5 programs per SM, and at one split whatever the shape."""
+    the default's 3, at split-sizing targets of 2-5 programs per SM, and at one split whatever the shape; and the
+    default without its one-wave tiling (DecodeConfig.wave_block_n)."""
     base = DECODE_CONFIGS[128]
-    out = [base, dataclasses.replace(base, programs_per_sm=3)]
+    out = [base, dataclasses.replace(base, wave_block_n=0), dataclasses.replace(base, programs_per_sm=3)]
     for block_n, stages in ((64, 2), (32, 2), (32, 3)):
-        tiled = dataclasses.replace(base, block_n=block_n, num_stages=stages)
+        tiled = dataclasses.replace(base, block_n=block_n, num_stages=stages, wave_block_n=0)
         out += [dataclasses.replace(tiled, programs_per_sm=pps) for pps in (2, 3, 4, 5)]
         out.append(dataclasses.replace(tiled, partition_size=32768))
     return list(dict.fromkeys(out))

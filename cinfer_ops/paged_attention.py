@@ -6,6 +6,7 @@ Layout (DESIGN.md): query/output ``[num_tokens, num_heads, head_dim]``, caches
 ``[batch + 1]``. Query ``i`` of sequence ``b`` sees context positions ``j <= seq_lens[b] - q_len[b] + i``.
 Nothing past a sequence's context (slots, block-table entries) is ever read.
 """
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -104,6 +105,14 @@ class DecodeConfig:
       whose context fits one split writes its output directly.
     - ``direct_single_split``: with the "head"/"group" merges, a token whose context fits one split writes its
       output directly and the merge skips it ("fused" always does).
+
+    One-wave tiling (``wave_block_n``, 0 = off): a step of more (token, kv_head) pairs than this tiling keeps
+    resident (``resident`` programs per SM) but at most ``wave_resident`` per SM runs one split per pair with
+    ``wave_block_n`` keys per step, a tiling that keeps that many resident: every program starts at once. With the
+    default tiling such a step runs about 1.3 waves, or 2 splits and their merges. On sm_90 at head_dim 128,
+    bn128 w4 s2 keeps 3 programs per SM (158 registers, 72 KiB of shared memory) and bn64 w4 s2 keeps 5 (96, 38
+    KiB), so the band is batch 50-82 for 8 kv heads on 132 SMs. (H200, 2026-11-26, RESULTS.md session 8: batch 64
+    at 4096 keys 0.991x SDPA against 0.958x, at 300 keys over an 8192-key table 1.07x against 0.91x.)
     """
     block_n: int
     num_warps: int
@@ -118,13 +127,18 @@ class DecodeConfig:
     merge: str = "head"
     direct_single_split: bool = False
     fit_splits: bool = True
+    resident: int = 3
+    wave_block_n: int = 0
+    wave_resident: int = 5
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.wave_block_n and (self.wave_block_n < 16 or self.wave_block_n & (self.wave_block_n - 1)):
+            raise ValueError(f"wave_block_n must be 0 or a power of two >= 16, got {self.wave_block_n}")
         if self.partition_size is not None and self.partition_size < 1:
             raise ValueError(f"partition_size must be positive or None, got {self.partition_size}")
-        for name in ("programs_per_sm", "min_partition", "short_partition", "max_splits"):
+        for name in ("programs_per_sm", "min_partition", "short_partition", "max_splits", "resident", "wave_resident"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name, allowed in (("kv_gather", KV_GATHERS), ("grid_order", GRID_ORDERS), ("merge", MERGES)):
@@ -150,7 +164,7 @@ class PrefillConfig:
 # untuned.
 DECODE_CONFIGS = {
     64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
-    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
+    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused", wave_block_n=64),
     # Untuned: the split sizing closest to the one it had before run AZ (16 programs per SM, 512 keys at least).
     256: DecodeConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=16, short_partition=512),
 }
@@ -571,6 +585,31 @@ def _least_partition(pairs: int, cfg: DecodeConfig, num_sms: int) -> int:
     return _tiles(cfg.short_partition if 4 * pairs <= cfg.programs_per_sm * num_sms else cfg.min_partition, cfg)
 
 
+def _step_config(pairs: int, max_context: int, cfg: DecodeConfig, num_sms: int) -> DecodeConfig:
+    """cfg, or for a step in its one-wave band (see DecodeConfig) the wave tiling at one split."""
+    in_band = cfg.resident * num_sms < pairs <= cfg.wave_resident * num_sms
+    if cfg.wave_block_n and cfg.partition_size is None and in_band:
+        return dataclasses.replace(cfg, block_n=cfg.wave_block_n,
+                                   partition_size=triton.cdiv(max_context, cfg.wave_block_n) * cfg.wave_block_n)
+    return cfg
+
+
+def decode_variant_batches(max_batch: int, num_kv_heads: int, head_dim: int, device: torch.device,
+                           decode_config: DecodeConfig | None = None) -> list[int]:
+    """The smallest decode batch (<= max_batch) of each tiling the decode kernel takes with this config: [1], or
+    [1, b] where the one-wave band begins at b. A warm-up that runs a decode step of each (and of max_batch)
+    compiles every decode variant a serving step can reach."""
+    cfg = decode_config or _pick(DECODE_CONFIGS, max(triton.next_power_of_2(head_dim), 16))
+    sms = _num_sms(device)
+    batches, seen = [], set()
+    for batch in range(1, max_batch + 1):
+        block_n = _step_config(batch * num_kv_heads, 1 << 20, cfg, sms).block_n
+        if block_n not in seen:
+            seen.add(block_n)
+            batches.append(batch)
+    return batches
+
+
 def _decode_partition(pairs: int, max_context: int, cfg: DecodeConfig, num_sms: int) -> tuple[int, int]:
     """(keys per split, the least keys per split), multiples of cfg.block_n, from shapes only: cfg.partition_size,
     or the split count of DecodeConfig's rule for this many (token, kv_head) pairs, within cfg's split limits."""
@@ -625,6 +664,7 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
     group = num_heads // kv_heads
     d_pad = max(triton.next_power_of_2(head_dim), 16)
     max_context = block_tables.shape[1] * block_size
+    cfg = _step_config(batch * kv_heads, max_context, cfg, _num_sms(query.device))
     partition, least = _decode_partition(batch * kv_heads, max_context, cfg, _num_sms(query.device))
     num_splits = triton.cdiv(max_context, partition)
     fused = cfg.merge == "fused"

@@ -12,6 +12,7 @@ device from the in-flight step's sampled tokens. Launched steps are assembled in
 turn (``HostStaging``): a set is refilled only once its previous step's tokens were read, which is after the
 device finished reading the set's inputs.
 """
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -21,6 +22,7 @@ from torch import Tensor
 
 import cinfer_ops
 from cinfer_ops.launch import compile_ahead
+from cinfer_ops.paged_attention import decode_variant_batches
 from cinfer_runtime.config import EngineConfig, cdiv
 from cinfer_runtime.cuda_graphs import StepGraphs, decode_buckets, prefill_buckets
 from cinfer_runtime.sampler import Sampler, SamplingRow
@@ -109,18 +111,21 @@ def _spread(num_tokens: int, batch: int) -> list[int]:
     return [num_tokens // batch + (i < num_tokens % batch) for i in range(batch)]
 
 
-def warm_up_steps(max_batch: int, max_num_tokens: int, max_model_len: int, all_variants: bool) -> list[list[int]]:
+def warm_up_steps(max_batch: int, max_num_tokens: int, max_model_len: int, all_variants: bool,
+                  decode_batches: Sequence[int] = ()) -> list[list[int]]:
     """The new-token counts (one per made-up sequence) of the warm-up's dummy steps.
 
     A small prefill-shaped and a small decode-shaped step compile the model and the sampler. With
     ``all_variants`` (on a GPU, where the ops run Triton kernels) more steps compile the kernels' other variants,
     which change only at thresholds on the step's size (``cinfer_ops.VARIANT_TOKEN_THRESHOLDS`` tokens): a decode
     step of ``max_batch`` sequences and a prefill step at each token threshold, or as large as a step gets
-    (``max_num_tokens``, ``max_model_len`` a sequence). The decode attention kernel's variant does not follow the
-    batch (``cinfer_ops.paged_attention``)."""
+    (``max_num_tokens``, ``max_model_len`` a sequence). The decode attention kernel's tiling follows the batch
+    only at its one-wave band: ``decode_batches`` (``cinfer_ops.paged_attention.decode_variant_batches``) adds a
+    decode step of each batch it names, up to ``max_batch``."""
     steps = [[3, 2], [1, 1]]
     if all_variants:
         steps.append([1] * max_batch)
+        steps += [[1] * b for b in decode_batches if 1 < b < max_batch]
         for threshold in sorted(set(cinfer_ops.VARIANT_TOKEN_THRESHOLDS)):
             tokens = min(threshold, max_num_tokens, max_batch * max_model_len)
             num_seqs = cdiv(tokens, max_model_len)
@@ -145,7 +150,12 @@ class ModelRunner:
         # The warm-up runs two sequences whatever max_num_seqs is (one prefill- and one decode-shaped step).
         max_batch = max(buckets[-1] if use_graphs else config.max_num_seqs, 2)
         max_num_tokens = max(config.max_num_batched_tokens, max_batch)
-        self._warm_up_steps = warm_up_steps(max_batch, max_num_tokens, config.max_model_len, all_variants=on_gpu)
+        decode_batches = ()
+        if on_gpu:
+            _, _, kv_heads, head_dim = paged_model.k_caches[0].shape
+            decode_batches = decode_variant_batches(max_batch, kv_heads, head_dim, device)
+        self._warm_up_steps = warm_up_steps(max_batch, max_num_tokens, config.max_model_len, all_variants=on_gpu,
+                                            decode_batches=decode_batches)
         self.host = StepBuffers.allocate(max_num_tokens, max_batch, config.max_blocks_per_seq, torch.device("cpu"),
                                          pin_memory=on_gpu)
         # On CPU the model reads the host buffers directly: nothing to copy. Launched steps alternate between two

@@ -82,8 +82,9 @@ def fuse_linear_silu_mul(gm: fx.GraphModule) -> int:
     """Rewrite each ``cinfer.silu_mul`` of the two halves of one ``cinfer.linear`` (gate first) in place; returns
     how many."""
     count = 0
-    activations = [n for n in gm.graph.nodes if n.target is torch.ops.cinfer.silu_mul.default] if LINEAR_SILU_MUL else []
-    for act in activations:
+    if not LINEAR_SILU_MUL:
+        return 0
+    for act in [n for n in gm.graph.nodes if n.target is torch.ops.cinfer.silu_mul.default]:
         gate, up = (_half_of(a) for a in act.args)
         if gate is None or up is None or gate[0] is not up[0]:
             continue

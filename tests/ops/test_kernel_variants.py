@@ -14,7 +14,7 @@ import triton
 
 import cinfer_ops
 from cinfer_ops.kv_cache_write import kv_cache_write_triton
-from cinfer_ops.paged_attention import paged_attention_triton
+from cinfer_ops.paged_attention import decode_variant_batches, paged_attention_triton
 from cinfer_ops.rms_norm import fused_add_rms_norm_triton, rms_norm_triton
 from cinfer_runtime.cuda_graphs import decode_buckets, prefill_buckets
 from cinfer_runtime.model_runner import warm_up_steps
@@ -83,20 +83,28 @@ class Layer:
                                self.query_start_loc[:batch + 1], self.head_dim ** -0.5)
 
 
-SIZES = [1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 64, 100, 128, 129, 200, 255, 256]
+SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 15, 16, 17, 31, 32, 64, 100, 128, 129, 200, 255, 256]
 TOKEN_COUNTS = SIZES + [511, 512, 1000, 1023, 1024, 1025, 2048, 3000, 4096, 5000]
 
 
 @pytest.mark.parametrize("max_model_len,splits", [(4096, True), (1024, True), (1000, False), (128, False)])
-def test_decode_steps_compile_one_variant_for_every_batch(recorders, max_model_len, splits):
+def test_decode_steps_compile_one_variant_outside_the_wave_band(recorders, max_model_len, splits):
     # The default decode config (fused merge) splits a step into a number of splits that rises and falls with the
     # batch (DecodeConfig); its kernel variant must not follow it. Tables shorter than 2 least splits never split
     # (512 keys here: 8 kv heads on the interpreter's 8 "SMs" are more than a quarter of the target at batch 1).
+    # The one exception is the one-wave band, 24 < pairs <= 40 here (batch 4 and 5): one more variant, bn64 at one
+    # split, which decode_variant_batches names.
     layer = Layer(max_batch=256, max_num_tokens=256, max_model_len=max_model_len)
     per_batch = {b: keys_of(recorders, lambda: layer.step([1] * b)) for b in SIZES}
-    assert len({keys["_decode_kernel"] for keys in per_batch.values()}) == 1
+    band = [4, 5]
+    assert decode_variant_batches(256, Layer.kv_heads, Layer.head_dim, torch.device("cpu")) == [1, band[0]]
+    assert len({keys["_decode_kernel"] for b, keys in per_batch.items() if b not in band}) == 1
+    assert len({keys["_decode_kernel"] for b, keys in per_batch.items() if b in band}) == 1
     (key,) = per_batch[1]["_decode_kernel"]
     assert [entry[2] for entry in key if entry[0] == "SPLIT"] == [splits]
+    (wave,) = per_batch[band[0]]["_decode_kernel"]
+    assert wave != key
+    assert [entry[2] for entry in wave if entry[0] in ("SPLIT", "BLOCK_N")] == [64, False]
     for name in ("_rms_norm_kernel", "_kv_cache_write_kernel"):
         assert len({keys[name] for keys in per_batch.values()}) == 1, name
 
@@ -138,8 +146,10 @@ def test_warm_up_steps_reach_every_serving_variant(recorders, max_num_seqs, max_
     max_batch = max(decode_buckets(max_num_seqs)[-1] if graphs else max_num_seqs, 2)
     max_num_tokens = max(max_num_batched_tokens, max_batch)
     layer = Layer(max_batch, max_num_tokens, max_model_len)
+    decode_batches = decode_variant_batches(max_batch, Layer.kv_heads, Layer.head_dim, torch.device("cpu"))
     warm = union([keys_of(recorders, lambda: layer.step(q_lens))
-                  for q_lens in warm_up_steps(max_batch, max_num_tokens, max_model_len, all_variants=True)])
+                  for q_lens in warm_up_steps(max_batch, max_num_tokens, max_model_len, all_variants=True,
+                                              decode_batches=decode_batches)])
     batches = decode_buckets(max_num_seqs) if graphs else range(1, max_num_seqs + 1)
     serving = [[1] * b for b in batches]
     if graphs:  # prefill steps padded to a graph's shape (cinfer_runtime.cuda_graphs)
@@ -167,3 +177,7 @@ def test_warm_up_steps():
     assert steps[:3] == [[3, 2], [1, 1], [1] * 256]
     big = steps[3]
     assert sum(big) == max(cinfer_ops.VARIANT_TOKEN_THRESHOLDS) and max(big) <= 300
+    # a decode step at each batch decode_variant_batches names, below max_batch
+    assert warm_up_steps(64, 8192, 300, all_variants=True, decode_batches=[1, 50, 80])[3] == [1] * 50
+    assert (warm_up_steps(40, 8192, 300, all_variants=True, decode_batches=[1, 50])
+            == warm_up_steps(40, 8192, 300, all_variants=True))  # none past max_batch

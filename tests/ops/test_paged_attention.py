@@ -182,6 +182,8 @@ def decode_config(draw):
         grid_order=draw(st.sampled_from(paged_attention_module.GRID_ORDERS)),
         merge=draw(st.sampled_from(paged_attention_module.MERGES)),
         direct_single_split=draw(st.booleans()), fit_splits=draw(st.booleans()),
+        # the one-wave tiling: on the interpreter's 8 "SMs" a band of (8, 40] or (24, 40] pairs
+        wave_block_n=draw(st.sampled_from([0, 16, 32])), resident=draw(st.sampled_from([1, 3])), wave_resident=5,
     )
 
 
@@ -297,6 +299,25 @@ def test_decode_partition_sizing():
     assert partition(1, 100, DecodeConfig(32, 4, 2, partition_size=40), 132) == 64  # rounded up to block_n
 
 
+def test_one_wave_tiling_band(monkeypatch):
+    # The default head_dim-128 config on 132 SMs with 8 kv heads: more pairs than bn128 keeps resident (3 per SM,
+    # 396) but at most bn64's (5 per SM, 660) run bn64 at one split the table wide; other steps keep cfg.
+    monkeypatch.setattr(paged_attention_module, "_num_sms", lambda device: 132)
+    cfg = paged_attention_module.DECODE_CONFIGS[128]
+    step = paged_attention_module._step_config
+    for batch, wave in [(1, False), (49, False), (50, True), (64, True), (82, True), (83, False), (256, False)]:
+        got = step(batch * 8, 4096, cfg, 132)
+        assert (got.block_n, got.partition_size) == ((64, 4096) if wave else (128, None)), batch
+    assert step(64 * 8, 1000, cfg, 132).partition_size == 1024  # whole tiles
+    assert step(64 * 8, 4096, dataclasses.replace(cfg, wave_block_n=0), 132).block_n == 128
+    assert step(64 * 8, 4096, dataclasses.replace(cfg, partition_size=512), 132).block_n == 128  # fixed splits
+    variant_batches = paged_attention_module.decode_variant_batches
+    assert variant_batches(256, 8, 128, torch.device("cpu")) == [1, 50]  # 83 on is bn128 again
+    assert variant_batches(64, 8, 128, torch.device("cpu")) == [1, 50]
+    assert variant_batches(40, 8, 128, torch.device("cpu")) == [1]
+    assert variant_batches(256, 8, 256, torch.device("cpu")) == [1]  # the head_dim-256 row has no wave tiling
+
+
 @settings(max_examples=300, deadline=None)
 @given(pairs=st.integers(1, 70_000), width=st.integers(1, 300_000), block_n=st.sampled_from([16, 32, 64, 128]),
        programs_per_sm=st.integers(1, 32), min_partition=st.integers(1, 4096), short_partition=st.integers(1, 4096),
@@ -318,7 +339,8 @@ def test_decode_partition_sizing_invariants(pairs, width, block_n, programs_per_
 
 @pytest.mark.parametrize("field,value", [("block_n", 24), ("block_n", 8), ("partition_size", 0), ("programs_per_sm", 0),
                                          ("min_partition", 0), ("max_splits", 0), ("kv_gather", "row"),
-                                         ("grid_order", "batch"), ("merge", "tree")])
+                                         ("grid_order", "batch"), ("merge", "tree"), ("wave_block_n", 24),
+                                         ("resident", 0)])
 def test_decode_config_rejects_bad_values(field, value):
     kwargs = dict(block_n=32, num_warps=4, num_stages=2) | {field: value}
     with pytest.raises(ValueError, match=field):
