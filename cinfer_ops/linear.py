@@ -1,4 +1,5 @@
-"""``cinfer::linear``: ``F.linear`` whose few-row (decode) case runs a weight-streaming Triton kernel.
+"""``cinfer::linear``: ``F.linear`` whose few-row (decode) case runs a weight-streaming Triton kernel; and
+``cinfer::linear_silu_mul``, a fused gate/up projection with the gated MLP's activation in that kernel's epilogue.
 
 At decode every projection is a GEMV-shaped GEMM: ``M`` (the step's tokens, 1-16) rows against a weight of tens or
 hundreds of MB, so the kernel's only job is to stream the weight at copy bandwidth. cuBLAS picks split-K kernels
@@ -9,9 +10,13 @@ projections. The kernel here gives each program ``BLOCK_N`` whole weight rows, s
 no second kernel; each output element is one program's fp32 dot product, rounded once.
 
 Larger ``M`` (prefill, big decode batches) is compute-bound or close to it and stays with cuBLAS: the op's CUDA
-implementation chooses per call, from ``LINEAR_CONFIGS``, so the choice is made at CUDA-graph capture and costs
+implementation chooses per call, from the GPU's config table, so the choice is made at CUDA-graph capture and costs
 nothing at replay. The choice is per weight shape: a few-row GEMM against a weight that cuBLAS streams as fast
 stays on cuBLAS.
+
+``linear_silu_mul`` streams a [2 * I, K] weight (gate rows, then up rows) in the same K loop, with each program's
+tile holding its columns' gate rows and up rows, and writes ``silu(gate) * up`` [M, I]: the layer's activation
+kernel and the [M, 2 * I] projection's write and read are gone (``graph_passes.silu_mul_pass``).
 """
 import functools
 from dataclasses import dataclass
