@@ -13,10 +13,10 @@ from cinfer_ops.linear import linear, linear_silu_mul  # noqa: F401
 from cinfer_ops.silu_mul import silu_mul  # noqa: F401
 
 # The Triton launchers pick their kernel variants (constexprs, num_warps) from the model's shapes, the cache and
-# fixed configs, plus a few thresholds on the step's size: token counts (these), and the split-KV decode's split
-# count, which falls as the batch grows (one or several splits). So steps below and at each threshold, and decode
-# steps at the smallest and largest batch, compile every variant; the runtime's warm-up runs them
-# (cinfer_runtime.model_runner.warm_up_steps).
+# fixed configs, plus a few thresholds on the step's size: token counts (these), and the decode batch, whose
+# tiling changes in the one-wave band (paged_attention.decode_variant_batches). So steps below and at each
+# threshold, and decode steps at the smallest and largest batch and where the band begins, compile every variant;
+# the runtime's warm-up runs them (cinfer_runtime.model_runner.warm_up_steps).
 VARIANT_TOKEN_THRESHOLDS = (MANY_ROWS, MANY_TOKENS)
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "kv_cache_write", "paged_attention", "rope_kv_cache_write", "linear",

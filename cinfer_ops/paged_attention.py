@@ -184,8 +184,9 @@ _MERGE_TILE_ELEMENTS = 8192
 _INT32_OFFSET_LIMIT = 2**31
 # Kernel variants: every constexpr and launch option below comes from the model's shapes, the cache and the config;
 # the step's size enters only as the decode kernel's SPLIT (several splits or one) under the "head" and "group"
-# merges, where it follows the batch (see DecodeConfig's split sizing); the fused merge (the default) fixes it
-# from the table width. Integer arguments that follow the step's size (batch, token and split counts) are marked
+# merges, where it follows the batch (see DecodeConfig's split sizing; the fused merge, the default, fixes it
+# from the table width), and as the one-wave tiling of the batches in its band (decode_variant_batches names
+# them). Integer arguments that follow the step's size (batch, token and split counts) are marked
 # do_not_specialize: Triton would otherwise compile a variant for the value 1 and one for multiples of 16. They
 # only bound loops and masks and scale partial-buffer rows, where those hints buy nothing.
 
