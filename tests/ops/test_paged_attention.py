@@ -8,6 +8,7 @@ hold garbage (indices of poisoned blocks, -1, huge values), and physical blocks 
 import dataclasses
 import importlib
 import math
+import unittest.mock
 from dataclasses import dataclass
 
 import pytest
@@ -316,6 +317,24 @@ def test_one_wave_tiling_band(monkeypatch):
     assert variant_batches(64, 8, 128, torch.device("cpu")) == [1, 50]
     assert variant_batches(40, 8, 128, torch.device("cpu")) == [1]
     assert variant_batches(256, 8, 256, torch.device("cpu")) == [1]  # the head_dim-256 row has no wave tiling
+
+
+@settings(max_examples=200, deadline=None)
+@given(max_batch=st.integers(1, 400), kv_heads=st.integers(1, 16), head_dim=st.sampled_from([64, 128, 256]),
+       num_sms=st.sampled_from([8, 78, 132, 144]), width=st.sampled_from([128, 1000, 8192]))
+def test_decode_variant_batches_name_every_tiling(max_batch, kv_heads, head_dim, num_sms, width):
+    # What the warm-up relies on: every decode batch up to max_batch takes the tiling of one of the named batches,
+    # the first named batch is 1, and the named batches take different tilings.
+    with unittest.mock.patch.object(paged_attention_module, "_num_sms", lambda device: num_sms):
+        named = paged_attention_module.decode_variant_batches(max_batch, kv_heads, head_dim, torch.device("cpu"))
+        cfg = paged_attention_module._pick(paged_attention_module.DECODE_CONFIGS, head_dim)
+
+        def tiling(batch):
+            return paged_attention_module._step_config(batch * kv_heads, width, cfg, num_sms).block_n
+
+        assert named[0] == 1 and named == sorted(named) and named[-1] <= max_batch
+        assert len({tiling(b) for b in named}) == len(named)
+        assert {tiling(b) for b in range(1, max_batch + 1)} == {tiling(b) for b in named}
 
 
 @settings(max_examples=300, deadline=None)
