@@ -14,7 +14,8 @@ bandwidth over the bytes the GEMM must move (weight + x + out).
 Stage 1 times every configuration of ``candidates()`` at M = 2 (a batch-1 decode step: the runtime pads one row)
 on the 8B shapes. Stage 2 re-times, at every M and shape, the best configurations of stage 1 and cuBLAS, interleaved.
 Prints tables and a summary; writes ``tune_linear.json`` into ``--out``, whose ``linear_configs`` (the best config
-per weight shape at M = 2, or null where cuBLAS was faster) is what ``LINEAR_CONFIGS`` holds and what
+per weight shape at M = 2, or null where cuBLAS was faster) is what the GPU's table in ``cinfer_ops.linear`` holds
+(``H100_LINEAR_CONFIGS``, ``H200_LINEAR_CONFIGS``; add a table to ``GPU_LINEAR_CONFIGS`` for another card) and what
 ``bench_generate.py --linear-configs`` loads.
 """
 import argparse

@@ -118,6 +118,24 @@ def test_config_choice(monkeypatch):
     assert pick_linear_config(1, 48, 64) is None
 
 
+def test_config_table_follows_the_gpu(monkeypatch):
+    """Each GPU model its own table (matched on the device name), the H100's for other GPUs and on CPU, and
+    LINEAR_CONFIGS, when set, for every GPU."""
+    mod = importlib.import_module("cinfer_ops.linear")
+    assert mod._gpu_table("NVIDIA H200") is mod.H200_LINEAR_CONFIGS
+    assert mod._gpu_table("NVIDIA H100 80GB HBM3") is mod.H100_LINEAR_CONFIGS
+    assert mod._gpu_table("NVIDIA A100-SXM4-80GB") is mod.H100_LINEAR_CONFIGS
+    assert mod.linear_configs(torch.device("cpu")) is mod.H100_LINEAR_CONFIGS
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert mod.linear_configs(torch.device("cuda", 0)) is mod.H200_LINEAR_CONFIGS
+    assert pick_linear_config(2, 6144, 4096, torch.device("cuda", 0)) == mod.H200_LINEAR_CONFIGS[(6144, 4096)]
+    assert pick_linear_config(2, 6144, 4096) == mod.H100_LINEAR_CONFIGS[(6144, 4096)]
+    override = {(6144, 4096): None}
+    monkeypatch.setattr(mod, "LINEAR_CONFIGS", override)
+    assert mod.linear_configs(torch.device("cuda", 0)) is override
+    assert pick_linear_config(2, 6144, 4096, torch.device("cuda", 0)) is None
+
+
 def test_load_linear_configs(tmp_path):
     path = tmp_path / "tune_linear.json"
     path.write_text('{"linear_configs": {"6144,4096": [64, 256, 4, 3], "4096,4096": null}}')
