@@ -1,7 +1,9 @@
 """Shared pieces of the benchmark scripts: device description, copy-bandwidth roofline, timing, output."""
 import json
+import math
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -54,6 +56,48 @@ def bench_ms(fn, warmup_ms: float = 50, rep_ms: float = 300, cuda_graph: bool = 
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def chain_length(nbytes: int, total: int = 1 << 30, most: int = 16) -> int:
+    """How many copies of a call's buffers (``nbytes`` moved per call) make a chain of about ``total`` bytes, far
+    more than L2 holds (50 MiB on an H100 or H200): at least 2, at most ``most``."""
+    return max(2, min(most, math.ceil(total / max(nbytes, 1))))
+
+
+def bench_chain_ms(fns, trials: int = 7, min_ms: float = 20.0) -> float:
+    """Milliseconds per call, in steady state, of calls that each stream their own buffers (``chain_length`` of
+    them, so that no call finds its inputs in L2): one CUDA graph runs every fn back to back and is replayed, timed
+    by CUDA events over whole replays, with no L2 flush in between. That is how a decode step runs these ops, and
+    how ``copy_bandwidth_gbps`` moves its 2 GiB. ``bench_ms`` instead flushes L2 before each call, which charges a
+    kernel of tens of microseconds a cold start and the write-back of the flush's dirty lines. On CPU: the first
+    fn's wall clock."""
+    if not torch.cuda.is_available():
+        return bench_ms(fns[0])
+    for fn in fns:  # compile and allocate outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    outputs = []  # kept alive: every call writes its own output buffers, as the inputs are its own
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            outputs.append(fn())
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    replays = max(1, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3)))
+    times = []
+    for _ in range(trials):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (replays * len(fns)))
+    del outputs
+    return statistics.median(times)
 
 
 def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
