@@ -586,12 +586,18 @@ def _least_partition(pairs: int, cfg: DecodeConfig, num_sms: int) -> int:
     return _tiles(cfg.short_partition if 4 * pairs <= cfg.programs_per_sm * num_sms else cfg.min_partition, cfg)
 
 
+@functools.lru_cache(maxsize=64)
+def _wave_config(cfg: DecodeConfig, max_context: int) -> DecodeConfig:
+    """cfg's one-wave tiling at one split over a table of max_context keys (made once, not at every launch)."""
+    return dataclasses.replace(cfg, block_n=cfg.wave_block_n,
+                               partition_size=triton.cdiv(max_context, cfg.wave_block_n) * cfg.wave_block_n)
+
+
 def _step_config(pairs: int, max_context: int, cfg: DecodeConfig, num_sms: int) -> DecodeConfig:
     """cfg, or for a step in its one-wave band (see DecodeConfig) the wave tiling at one split."""
     in_band = cfg.resident * num_sms < pairs <= cfg.wave_resident * num_sms
     if cfg.wave_block_n and cfg.partition_size is None and in_band:
-        return dataclasses.replace(cfg, block_n=cfg.wave_block_n,
-                                   partition_size=triton.cdiv(max_context, cfg.wave_block_n) * cfg.wave_block_n)
+        return _wave_config(cfg, max_context)
     return cfg
 
 

@@ -81,12 +81,14 @@ def test_zero_rows():
     assert torch.ops.cinfer.linear(torch.empty(2, 0, 16), w, None).shape == (2, 0, 8)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("op", [torch.ops.cinfer.linear.default, torch.ops.cinfer.linear_silu_mul.default],
+                         ids=["linear", "linear_silu_mul"])
+def test_opcheck(op):
     gen = torch.Generator().manual_seed(0)
     for device in OP_DEVICES:
         x, w, b = poisoned_operands(gen, 3, 24, 40, torch.float32, True, 0, device)
-        torch.library.opcheck(torch.ops.cinfer.linear.default, (x, w, b))
-        torch.library.opcheck(torch.ops.cinfer.linear.default, (x[None], w, None))
+        torch.library.opcheck(op, (x, w, b))
+        torch.library.opcheck(op, (x[None], w, None))
 
 
 def test_bad_input_is_named():
@@ -206,14 +208,6 @@ def test_linear_silu_mul_op_matches_float64_reference(device, m, dtype):
     assert_close(out[0], gated_f64(x, w, b), GATED_MATMUL, dtype)
     gate, up = torch.ops.cinfer.linear(x, w, None).chunk(2, -1)
     assert_close(torch.ops.cinfer.linear_silu_mul(x, w, None), torch.ops.cinfer.silu_mul(gate, up), ELEMENTWISE, dtype)
-
-
-def test_linear_silu_mul_opcheck():
-    gen = torch.Generator().manual_seed(0)
-    for device in OP_DEVICES:
-        x, w, b = poisoned_operands(gen, 3, 24, 40, torch.float32, True, 0, device)
-        torch.library.opcheck(torch.ops.cinfer.linear_silu_mul.default, (x, w, b))
-        torch.library.opcheck(torch.ops.cinfer.linear_silu_mul.default, (x[None], w, None))
 
 
 def test_linear_silu_mul_bad_input_is_named():
