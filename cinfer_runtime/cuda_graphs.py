@@ -60,8 +60,8 @@ def prefill_buckets(max_num_tokens: int, limit: int = PREFILL_GRAPH_MAX_TOKENS) 
 class StepGraphs:
     def __init__(self, decode: list[int], prefill: list[int], max_batch: int):
         """``decode``: batch-size buckets; ``prefill``: token buckets; ``max_batch``: the static buffers' batch
-        capacity (>= every decode bucket)."""
-        assert max(decode) <= max_batch
+        capacity (> every decode bucket, see ``prefill_batch``)."""
+        assert max(decode) < max_batch
         self.decode = sorted(decode)
         self.prefill = sorted(prefill)
         self.max_batch = max_batch
@@ -72,8 +72,15 @@ class StepGraphs:
     @property
     def shapes(self) -> list[tuple[int, int]]:
         """Every captured (tokens, sequences) shape, largest first."""
-        shapes = {(b, b) for b in self.decode} | {(t, min(t, self.max_batch)) for t in self.prefill}
+        shapes = {(b, b) for b in self.decode} | {(t, self.prefill_batch(t)) for t in self.prefill}
         return sorted(shapes, reverse=True)
+
+    def prefill_batch(self, tokens: int) -> int:
+        """The batch a prefill graph of ``tokens`` tokens is captured at: room for every step that fits it, and
+        never ``tokens`` itself. A step of as many tokens as sequences is a decode step to the ops (the decode
+        kernel, and ``rope_paged_attention``'s RoPE folded into it, which needs at most one query token per
+        sequence), so a prefill graph must not have that shape whatever step it replays."""
+        return tokens + 1 if tokens < self.max_batch else self.max_batch - 1
 
     def shape_for(self, num_tokens: int, batch: int, is_decode: bool) -> tuple[int, int] | None:
         """The graph shape a step of ``num_tokens`` tokens over ``batch`` sequences pads to, or None (no graph:
@@ -85,8 +92,8 @@ class StepGraphs:
             raise ValueError(f"batch {batch} exceeds the largest decode bucket {self.decode[-1]}")
         for size in self.prefill:
             if size >= num_tokens:
-                padded_batch = min(size, self.max_batch)
-                assert batch <= padded_batch, (batch, num_tokens, padded_batch)  # batch <= tokens, <= max_batch
+                padded_batch = self.prefill_batch(size)
+                assert batch <= padded_batch, (batch, num_tokens, padded_batch)  # batch <= tokens, < max_batch
                 return size, padded_batch
         return None
 
@@ -110,8 +117,7 @@ class StepGraphs:
 
     def replay(self, shape: tuple[int, int], is_decode: bool) -> Tensor:
         """Replays the shape's graph; returns its static logits ``[batch, vocab]`` (overwritten by the next
-        replay). A prefill shape may equal a decode one (16 tokens, 16 sequences): ``is_decode`` says which kind
-        of step ``num_replays`` counts."""
+        replay). ``is_decode`` says which kind of step ``num_replays`` counts."""
         self._graphs[shape].replay()
         self.num_replays["decode" if is_decode else "prefill"] += 1
         return self._logits[shape]

@@ -156,18 +156,20 @@ class ModelRunner:
             decode_batches = decode_variant_batches(max_batch, kv_heads, head_dim, device)
         self._warm_up_steps = warm_up_steps(max_batch, max_num_tokens, config.max_model_len, all_variants=on_gpu,
                                             decode_batches=decode_batches)
-        self.host = StepBuffers.allocate(max_num_tokens, max_batch, config.max_blocks_per_seq, torch.device("cpu"),
+        # One sequence more than any step has: the prefill CUDA graphs' padding (StepGraphs.prefill_batch).
+        capacity = max_batch + 1
+        self.host = StepBuffers.allocate(max_num_tokens, capacity, config.max_blocks_per_seq, torch.device("cpu"),
                                          pin_memory=on_gpu)
         # On CPU the model reads the host buffers directly: nothing to copy. Launched steps alternate between two
         # host sets, so then the model reads a set of its own, on CPU too (the same code path as on a GPU).
-        self.dev = (StepBuffers.allocate(max_num_tokens, max_batch, config.max_blocks_per_seq, device)
+        self.dev = (StepBuffers.allocate(max_num_tokens, capacity, config.max_blocks_per_seq, device)
                     if on_gpu or config.async_scheduling else self.host)
         self._np = _numpy_views(self.host)
-        self._staging = ([HostStaging.allocate(max_num_tokens, max_batch, config.max_blocks_per_seq, on_gpu)
+        self._staging = ([HostStaging.allocate(max_num_tokens, capacity, config.max_blocks_per_seq, on_gpu)
                           for _ in range(2)] if config.async_scheduling else [])
         self._num_launched = 0
         if use_graphs:
-            self.graphs = StepGraphs(buckets, prefill_buckets(max_num_tokens), max_batch)
+            self.graphs = StepGraphs(buckets, prefill_buckets(max_num_tokens), capacity)
 
     @torch.no_grad()
     def warm_up(self) -> None:

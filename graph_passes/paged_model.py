@@ -14,13 +14,14 @@ How the step's metadata and the caches enter the graph
 Dynamo traces straight through the HF code, so the graph holds HF's embedding, projections, RoPE (computed from
 ``position_ids`` as usual), causal-mask construction, SDPA / eager attention, norms and ``lm_head`` over the rows
 ``logits_indices`` selects. The marker keeps the metadata and caches as graph inputs; our backend runs the pass
-manager (attention -> rope -> rms_norm -> fused_add_rms_norm -> fuse_projections -> linear), which wires them into
-``cinfer.kv_cache_write`` / ``cinfer.paged_attention``, erases the marker and the now-dead mask, fuses each layer's
-q/k RoPE with its cache write (``cinfer.rope_kv_cache_write``), stacks each layer's q/k/v and gate/up weights into
-one projection each (re-pointing the model's parameters into the stacked tensors), then hands the graph to Inductor
-piece by piece: ``layer_split`` cuts it into prologue, one piece per decoder layer and epilogue, and compiles each
-distinct piece once (four compiles for a Llama model of any depth). Everything stays inside one ``torch.compile``;
-the caches are written in place through the ops' ``Tensor(a!)`` arguments.
+manager (``pass_manager.PASS_ORDER``), which wires them into ``cinfer.kv_cache_write`` / ``cinfer.paged_attention``,
+erases the marker and the now-dead mask, fuses each layer's q/k RoPE with its cache write
+(``cinfer.rope_kv_cache_write``), stacks each layer's q/k/v and gate/up weights into one projection each (re-pointing
+the model's parameters into the stacked tensors), fuses each layer's RoPE/cache write with its attention
+(``cinfer.rope_paged_attention``), then hands the graph to Inductor piece by piece: ``layer_split`` cuts it into
+prologue, one piece per decoder layer and epilogue, and compiles each distinct piece once (four compiles for a Llama
+model of any depth). Everything stays inside one ``torch.compile``; the caches are written in place through the ops'
+``Tensor(a!)`` arguments.
 
 When the model's layers 1 to N-1 are interchangeable (``layer_replication``), ``model`` above is a shallow copy
 holding layers 0 and 1 only, and the step passes their two caches: Dynamo traces and the passes rewrite two layers,
@@ -40,6 +41,8 @@ would otherwise cause recompiles, and both are handled here, so the runtime need
   unchanged), an extra sequence (``seq_len 0``, no new tokens, its logits row dropped) or an extra block-table
   column. The padding is a few small device ops (no host sync), recorded like any other op under CUDA-graph
   capture. Kernels must therefore accept a sequence with ``seq_len == 0`` and ``q_len == 0`` (and skip it).
+  One sequence of two tokens gets two extra sequences: the ops take a step of as many tokens as sequences for a
+  decode step, at most one query token per sequence (``cinfer_ops.rope_paged_attention`` relies on it).
 - duck sizing: dims that happen to be equal at the first call would share one symbol and later unequal sizes
   would recompile; the compiled call runs with duck sizing off.
 
@@ -105,14 +108,16 @@ def _pad_dims_of_one(input_ids: Tensor, positions: Tensor, meta: AttentionMetada
     slot_mapping, block_tables, seq_lens = meta.slot_mapping, meta.block_tables, meta.seq_lens
     query_start_loc, logits_indices = meta.query_start_loc, meta.logits_indices
     batch = logits_indices.shape[0]
+    two_tokens = input_ids.shape[1] == 2  # real ones
     if input_ids.shape[1] == 1:
         input_ids = torch.cat([input_ids, input_ids], dim=1)
         positions = torch.cat([positions, positions], dim=1)
         slot_mapping = F.pad(slot_mapping, (0, 1), value=-1)
     if block_tables.shape[0] == 1:
-        block_tables = F.pad(block_tables, (0, 0, 0, 1))
-        seq_lens = F.pad(seq_lens, (0, 1))
-        query_start_loc = torch.cat([query_start_loc, query_start_loc[-1:]])
+        extra = 2 if two_tokens else 1  # not 2 tokens over 2 sequences (see the module doc)
+        block_tables = F.pad(block_tables, (0, 0, 0, extra))
+        seq_lens = F.pad(seq_lens, (0, extra))
+        query_start_loc = torch.cat([query_start_loc] + [query_start_loc[-1:]] * extra)
     if logits_indices.shape[0] == 1:
         logits_indices = F.pad(logits_indices, (0, 1))
     if block_tables.shape[1] == 1:

@@ -17,26 +17,27 @@ def _assert_rewritten(paged, num_layers: int) -> None:
     assert paged.report == {"attention": num_layers, "rope": num_layers, "rms_norm": 2 * num_layers + 1,
                             "fused_add_rms_norm": 2 * num_layers, "fuse_projections": 2 * num_layers,
                             "linear": 4 * num_layers + 1, "silu_mul": num_layers,
-                            "linear_silu_mul": num_layers}
+                            "linear_silu_mul": num_layers, "rope_attention": num_layers}
     before, after = paged.ops_before, op_counts(paged.graph_module)
     assert before["rsqrt"] == 2 * num_layers + 1
     assert before["sdpa"] + before["softmax"] == num_layers
     assert after["sdpa"] == 0 and after["softmax"] == 0
     assert after["matmul"] == before["matmul"] - 2 * before["softmax"]  # eager attention's two; RoPE may keep one
     assert after["rsqrt"] == 0 and after["mean"] == 0
-    assert after["cinfer.paged_attention.default"] == num_layers
-    # q/k RoPE and the cache write are one op per layer; HF's rotate_half (neg + cat) is gone, only the cat of the
-    # rotary module's cos/sin table (shared by all layers) stays.
-    assert after["cinfer.rope_kv_cache_write.default"] == num_layers
+    # q/k RoPE, the cache write and attention are one op per layer; HF's rotate_half (neg + cat) is gone, only the
+    # cat of the rotary module's cos/sin table (shared by all layers) stays.
+    assert after["cinfer.rope_paged_attention.default"] == num_layers
+    assert after["cinfer.paged_attention.default"] == 0
+    assert after["cinfer.rope_kv_cache_write.default"] == 0
     assert after["cinfer.kv_cache_write.default"] == 0
     assert before["neg"] == 2 * num_layers and after["neg"] == 0
     assert after["cat"] == before["cat"] - 2 * num_layers == 1
     assert after["cinfer.fused_add_rms_norm.default"] == 2 * num_layers
     assert after["cinfer.rms_norm.default"] == 1
     assert after["cinfer_graph.bind_paged_inputs.default"] == 0
-    # rope_kv_cache_write takes q, k and v as views of the fused qkv projection's output: no copy is asked for.
+    # rope_paged_attention takes q, k and v as views of the fused qkv projection's output: no copy is asked for.
     for node in paged.graph_module.graph.nodes:
-        if node.target is torch.ops.cinfer.rope_kv_cache_write.default:
+        if node.target is torch.ops.cinfer.rope_paged_attention.default:
             for operand in node.args[:3]:
                 assert _projection_view(operand), operand.format_node()
     # per layer q/k/v -> one linear, gate/up -> one linear; o_proj, down_proj and lm_head stay; all become
@@ -192,3 +193,26 @@ def test_sliding_window_is_warned(caplog):
     with caplog.at_level(logging.WARNING, logger="graph_passes"):
         compile_model(model, *make_caches(model), inner_backend="eager")
     assert "sliding-window" in caplog.text
+
+
+@pytest.mark.parametrize("tokens,batch", [(1, 1), (2, 1), (3, 1), (2, 2), (1, 3), (5, 2)])
+def test_size_one_padding_never_gives_a_prefill_as_many_sequences_as_tokens(tokens, batch):
+    # PagedModel pads dims of size 1 to 2 (Dynamo's 0/1 specialisation). A step of as many tokens as sequences is
+    # a decode step to the ops (at most one query token each: cinfer.rope_paged_attention relies on it), so one
+    # sequence of two tokens must not become two sequences of two tokens.
+    from graph_passes.attention_metadata import AttentionMetadata
+    from graph_passes.paged_model import _pad_dims_of_one
+
+    q_lens = [tokens - batch + 1] + [1] * (batch - 1)
+    starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    meta = AttentionMetadata(slot_mapping=torch.arange(tokens), block_tables=torch.zeros(batch, 1, dtype=torch.int32),
+                             seq_lens=torch.tensor(q_lens, dtype=torch.int32) + 4, query_start_loc=starts,
+                             logits_indices=starts[1:].long() - 1)
+    ids = torch.arange(tokens)[None]
+    (ids2, _, slots, tables, seq_lens, qsl, _), real = _pad_dims_of_one(ids, ids.clone(), meta)
+    assert real == batch and tables.shape[0] == seq_lens.shape[0] == qsl.shape[0] - 1 >= 2 and ids2.shape[1] >= 2
+    padded_q_lens = (qsl[1:] - qsl[:-1]).tolist()
+    assert padded_q_lens[:batch] == q_lens and all(q == 0 for q in padded_q_lens[batch:])
+    assert (slots[tokens:] == -1).all() and int(qsl[-1]) == tokens
+    if ids2.shape[1] == tables.shape[0]:  # a decode-shaped step: one query token per sequence at most
+        assert max(padded_q_lens) <= 1

@@ -89,14 +89,16 @@ def test_prefill_buckets():
 
 
 def test_step_graph_shapes():
-    graphs = StepGraphs(decode_buckets(20), prefill_buckets(100), max_batch=24)
+    graphs = StepGraphs(decode_buckets(20), prefill_buckets(100), max_batch=25)
     assert graphs.shape_for(3, 3, is_decode=True) == (4, 4)
     assert graphs.shape_for(24, 24, is_decode=True) == (24, 24)
-    # A prefill step pads its tokens to a bucket and its sequences to one per token, at most max_batch.
-    assert graphs.shape_for(3, 1, is_decode=False) == (16, 16)
-    assert graphs.shape_for(17, 2, is_decode=False) == (24, 24)
+    # A prefill step pads its tokens to a bucket and its sequences to one more than the tokens, or to the most a
+    # step has (max_batch - 1): never as many sequences as tokens, the shape the ops take for a decode step.
+    assert graphs.shape_for(3, 1, is_decode=False) == (16, 17)
+    assert graphs.shape_for(17, 2, is_decode=False) == (24, 25)
     assert graphs.shape_for(40, 20, is_decode=False) == (48, 24)
     assert graphs.shape_for(100, 1, is_decode=False) == (100, 24)
+    assert all(graphs.prefill_batch(t) != t for t in range(1, 200))
     assert graphs.shape_for(101, 1, is_decode=False) is None  # past the largest bucket: no graph
     with pytest.raises(ValueError, match="largest decode bucket"):
         graphs.shape_for(25, 25, is_decode=True)
@@ -118,7 +120,7 @@ def test_padding_to_a_graph_shape_leaves_logits_unchanged(model):
     assert runner.dev is runner.host  # CPU, synchronous: the model reads the host buffers
     for i, n in enumerate([30, 5, 17]):  # steps of 40 tokens, then 14 (padded to 16), then decodes
         engine.add_request([(11 * i + j) % 200 + 3 for j in range(n)], SamplingParams(max_tokens=4, temperature=0.0))
-    graphs = StepGraphs(decode_buckets(4), prefill_buckets(40), max_batch=4)
+    graphs = StepGraphs(decode_buckets(4), prefill_buckets(40), max_batch=runner.host.seq_lens.shape[0])
     for _ in range(4):
         out = engine.scheduler.schedule()
         num_tokens, batch = runner._prepare(out)
