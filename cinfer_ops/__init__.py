@@ -9,6 +9,7 @@ from cinfer_ops.rms_norm import MANY_ROWS, fused_add_rms_norm, rms_norm  # noqa:
 from cinfer_ops.kv_cache_write import MANY_TOKENS, kv_cache_write  # noqa: F401
 from cinfer_ops.paged_attention import paged_attention  # noqa: F401
 from cinfer_ops.rope_kv_cache_write import rope_kv_cache_write  # noqa: F401
+from cinfer_ops.rope_paged_attention import rope_paged_attention  # noqa: F401
 from cinfer_ops.linear import linear, linear_silu_mul  # noqa: F401
 from cinfer_ops.silu_mul import silu_mul  # noqa: F401
 
@@ -19,5 +20,6 @@ from cinfer_ops.silu_mul import silu_mul  # noqa: F401
 # the runtime's warm-up runs them (cinfer_runtime.model_runner.warm_up_steps).
 VARIANT_TOKEN_THRESHOLDS = (MANY_ROWS, MANY_TOKENS)
 
-__all__ = ["rms_norm", "fused_add_rms_norm", "kv_cache_write", "paged_attention", "rope_kv_cache_write", "linear",
+__all__ = ["rms_norm", "fused_add_rms_norm", "kv_cache_write", "paged_attention", "rope_kv_cache_write",
+           "rope_paged_attention", "linear",
            "linear_silu_mul", "silu_mul", "VARIANT_TOKEN_THRESHOLDS"]

@@ -5,6 +5,11 @@ Layout (DESIGN.md): query/output ``[num_tokens, num_heads, head_dim]``, caches
 ``seq_lens`` int32 ``[batch]`` (context length including this step's tokens), ``query_start_loc`` int32
 ``[batch + 1]``. Query ``i`` of sequence ``b`` sees context positions ``j <= seq_lens[b] - q_len[b] + i``.
 Nothing past a sequence's context (slots, block-table entries) is ever read.
+
+With programmatic dependent launch (``cinfer_ops.pdl``) the decode kernel reads ``query_start_loc`` and
+``seq_lens`` before it waits for the previous kernel: they must not be written by a kernel that may still run when
+this one starts, i.e. by the kernel just before it in the stream or one launched with PDL before that (a step's
+inputs, copied in before its kernels, are fine).
 """
 import dataclasses
 import functools
@@ -16,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cinfer_ops.launch import launch
-from cinfer_ops.pdl import pdl_launch_options, pdl_start
+from cinfer_ops.pdl import pdl_launch_dependents, pdl_launch_options, pdl_start, pdl_wait
 
 
 def _check(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
@@ -277,6 +282,20 @@ def _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, k
 
 
 @triton.jit
+def _rope_rows(row_ptrs, offs_d, mask, cos_row_ptr, sin_row_ptr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # HF's x * cos + rotate_half(x) * sin of rows x (row_ptrs[..., None] + offs_d), in fp32, rounded once to x's
+    # dtype, as rope_kv_cache_write computes it: element d pairs with d + HALF (minus, first half) or d - HALF.
+    d_ok = offs_d < HEAD_DIM
+    partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
+    sign = tl.where(offs_d < HALF, -1.0, 1.0)
+    cos = tl.load(cos_row_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_row_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    x = tl.load(row_ptrs + offs_d, mask=mask, other=0.0)
+    x_partner = tl.load(row_ptrs + partner, mask=mask, other=0.0).to(tl.float32)
+    return (x.to(tl.float32) * cos + (sign * x_partner) * sin).to(x.dtype)
+
+
+@triton.jit
 def _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_splits, num_heads, num_splits,
                  stride_ot, stride_oh, GROUP: tl.constexpr, GM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                  D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, ALL_WRITTEN: tl.constexpr):
@@ -322,15 +341,21 @@ def _merge_group(part_out_ptr, part_lse_ptr, out_ptr, token64, kv_head, n_splits
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, merge_count_ptr,
+    key_ptr, value_ptr, cos_ptr, sin_ptr, slot_mapping_ptr,
     qk_scale, batch, num_tokens, num_kv_heads, num_heads, num_splits, partition_size, min_partition,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, GM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_CHUNK: tl.constexpr, SPLIT: tl.constexpr,
     GRID_ORDER: tl.constexpr, KV_GATHER: tl.constexpr, MERGE: tl.constexpr, DIRECT: tl.constexpr,
     FIT: tl.constexpr, MERGE_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INT64_OFFSETS: tl.constexpr, USE_PDL: tl.constexpr,
+    ROPE: tl.constexpr, HALF: tl.constexpr,
 ):
-    pdl_start(USE_PDL)  # everything below may read the previous kernels' q and cache writes
+    # PDL (cinfer_ops.pdl): the step's inputs query_start_loc, seq_lens and slot_mapping are read before the wait,
+    # while the previous kernel runs (see the module doc); q, k, v, cos/sin and the caches after it.
+    # ROPE (rope_paged_attention): q, and the new key of the split that holds it, are rotated here (see there).
+    pdl_launch_dependents(USE_PDL)
     # Program (token, kv_head, split): the GROUP query heads of kv_head for one query token are the rows of the
     # dots, so each K/V tile is read once per kv head. The split covers keys [split * partition_size, + partition_size)
     # of the token's visible context. Any token works (it need not be its sequence's only one), so this kernel is
@@ -382,8 +407,18 @@ def _decode_kernel(
     token64 = token.to(tl.int64)
     out_rows = out_ptr + token64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     part_row = (token64 * num_heads + heads) * num_splits + split  # [G_PAD] rows of the partial buffers
+    if ROPE:  # rope_paged_attention: this token's new key goes to its slot, the last position of its context
+        slot = tl.load(slot_mapping_ptr + token, mask=token < num_tokens, other=-1)
+        new_pos = tl.where((slot >= 0) & (kv_start < kv_len) & (kv_stop == kv_len), kv_len - 1, -1)
+    pdl_wait(USE_PDL)
     if kv_start < kv_len:
-        q = tl.load(q_ptr + token64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
+        q_rows = q_ptr + token64 * stride_qt + heads[:, None] * stride_qh
+        if ROPE:
+            cos_row = cos_ptr + token64 * stride_cos
+            sin_row = sin_ptr + token64 * stride_sin
+            q = _rope_rows(q_rows, offs_d[None, :], io_mask, cos_row, sin_row, HALF, HEAD_DIM)
+        else:
+            q = tl.load(q_rows + offs_d[None, :], mask=io_mask, other=0.0)
         block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
         if INT64_OFFSETS:
             kv_head_offset = kv_head.to(tl.int64) * stride_ch
@@ -392,6 +427,25 @@ def _decode_kernel(
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        if ROPE:
+            # The split that holds the new key rotates it and writes it and the value to the slot. It scores them
+            # from registers, first (the online softmax starts from that one key), and its tiles stop one key
+            # short: the slot is never read, which this program's own store need not have reached.
+            has_new = new_pos >= 0
+            new_mask = offs_d < tl.where(has_new, HEAD_DIM, 0)
+            new_k = _rope_rows(key_ptr + token64 * stride_kt + kv_head * stride_kh, offs_d, new_mask,
+                               cos_row, sin_row, HALF, HEAD_DIM).to(k_cache_ptr.dtype.element_ty)
+            new_v = tl.load(value_ptr + token64 * stride_vt + kv_head * stride_vh + offs_d, mask=new_mask, other=0.0)
+            new_v = new_v.to(v_cache_ptr.dtype.element_ty)
+            slot_offset = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_head_offset
+                           + offs_d)
+            tl.store(k_cache_ptr + slot_offset, new_k, mask=new_mask)
+            tl.store(v_cache_ptr + slot_offset, new_v, mask=new_mask)
+            s_new = tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], 1) * qk_scale
+            m_i = tl.where(has_new, s_new, m_i)
+            l_i = tl.where(has_new, 1.0, l_i)  # exp2(s_new - m_i), exact in any dtype, as P is rounded in the tiles
+            acc = tl.where(has_new, tl.zeros([G_PAD, D_PAD], tl.float32) + new_v.to(tl.float32)[None, :], acc)
+            kv_stop = tl.where(has_new, kv_stop - 1, kv_stop)
         full_stop = kv_start + (kv_stop - kv_start) // BLOCK_N * BLOCK_N
         for n0 in range(kv_start, full_stop, BLOCK_N):
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
@@ -663,8 +717,11 @@ def _merge_chunk(gm_pad: int, d_pad: int) -> int:
 
 
 def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                   query_start_loc: Tensor, out: Tensor, cfg: DecodeConfig, qk_scale: float, **kernel_flags) -> None:
-    """The split-KV kernel (and the merge of its splits) into out; kernel_flags: constexprs shared with prefill."""
+                   query_start_loc: Tensor, out: Tensor, cfg: DecodeConfig, qk_scale: float,
+                   rope: tuple | None = None, **kernel_flags) -> None:
+    """The split-KV kernel (and the merge of its splits) into out; kernel_flags: constexprs shared with prefill.
+    rope: (key, value, cos, sin, slot_mapping) of rope_paged_attention (query is then the raw query), checked by
+    it, key/value with unit last stride, cos/sin [num_tokens, head_dim] rows of unit last stride."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, kv_heads, _ = k_cache.shape
     batch = block_tables.shape[0]
@@ -692,18 +749,21 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
         grid = (num_tokens, kv_heads, num_splits)
     else:
         grid = (num_tokens * kv_heads * num_splits,)
+    key, value, cos, sin, slot_mapping = rope if rope is not None else (query,) * 4 + (seq_lens,)
     launch(_decode_kernel, grid,
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, merge_count,
+        key, value, cos, sin, slot_mapping,
         qk_scale, batch, num_tokens, kv_heads, num_heads, num_splits, partition,
         least,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), cos.stride(0), sin.stride(0),
         GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), GM_PAD=gm_pad, HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, SPLIT=split,
         GRID_ORDER=GRID_ORDERS.index(cfg.grid_order), KV_GATHER=KV_GATHERS.index(cfg.kv_gather),
         MERGE=MERGES.index(cfg.merge), DIRECT=cfg.direct_single_split or fused,
         FIT=cfg.fit_splits and split and cfg.partition_size is None,
-        MERGE_CHUNK=_merge_chunk(gm_pad, d_pad),
+        MERGE_CHUNK=_merge_chunk(gm_pad, d_pad), ROPE=rope is not None, HALF=head_dim // 2,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kernel_flags,
     )
     if split and cfg.merge == "head":
@@ -723,13 +783,14 @@ def _launch_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
 def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            seq_lens: Tensor, query_start_loc: Tensor, scale: float, *,
                            decode_config: DecodeConfig | None = None,
-                           prefill_config: PrefillConfig | None = None) -> Tensor:
+                           prefill_config: PrefillConfig | None = None, rope: tuple | None = None) -> Tensor:
     """The Triton implementation of ``cinfer::paged_attention`` (same arguments and result; see the module doc).
 
     No host syncs and no data-dependent Python control flow: grids and the kernel choice come from shapes, so it
     can be captured in a CUDA graph. ``num_tokens == batch`` runs the split-KV decode kernel (plus the merge of
     its splits when there is more than one), anything else the tiled flash kernel; both are correct for any
     ``query_start_loc``. ``decode_config``/``prefill_config`` override the tiling and variants (tuning, tests).
+    ``rope``: ``(key, value, cos, sin, slot_mapping)`` of ``rope_paged_attention``, for a decode step only.
     """
     _check(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     num_tokens, num_heads, head_dim = query.shape
@@ -754,9 +815,14 @@ def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
     int64_offsets = k_cache.numel() >= _INT32_OFFSET_LIMIT
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
 
+    if rope is not None:
+        assert num_tokens == batch, "rope_paged_attention folds RoPE into the decode kernel only"
+        key, value, cos, sin, slot_mapping = rope
+        rows = [t[0] if t.dim() == 3 else t for t in (cos, sin)]
+        rope = (*(t if t.stride(-1) == 1 else t.contiguous() for t in (key, value, *rows)), slot_mapping)
     if num_tokens == batch:
         _launch_decode(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
-                       decode_config or _pick(DECODE_CONFIGS, d_pad), qk_scale, SEARCH_CHUNK=_SEARCH_CHUNK,
+                       decode_config or _pick(DECODE_CONFIGS, d_pad), qk_scale, rope, SEARCH_CHUNK=_SEARCH_CHUNK,
                        DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, INT64_OFFSETS=int64_offsets,
                        **pdl_launch_options(query.device))
         return out

@@ -7,7 +7,9 @@ keep these edges, so a decode step replays with each kernel already resident and
 the launch latency between dependent kernels leaves the critical path.
 
 The rule every kernel here keeps: **nothing produced by an earlier kernel is read, and nothing is written, before
-``pdl_wait``.** Only addresses and constant weights may be touched before it. ``pdl_wait`` waits for the
+``pdl_wait``.** Only addresses, constant weights and a step's attention inputs (``seq_lens``, ``query_start_loc``,
+``block_tables``, ``slot_mapping``: written before the step's first kernel, by the runtime's copies, never by a
+kernel of the step) may be read before it. ``pdl_wait`` waits for the
 predecessor to complete, and the predecessor completed only after its own wait, so this also orders a kernel after
 every earlier one. Kernels that are not launched with PDL (Inductor's, cuBLAS') keep plain stream order.
 
