@@ -16,13 +16,17 @@ Order (each pass is a plain ``GraphModule -> int`` function in its own module):
    ``cinfer.silu_mul`` (a kernel launched like the others, with programmatic dependent launch)
 8. ``linear_silu_mul``     (``silu_mul_pass.fuse_linear_silu_mul``)         -- needs 5, 6 and 7: ``cinfer.silu_mul``
    of the two halves of a fused gate/up ``cinfer.linear`` -> ``cinfer.linear_silu_mul`` (one streaming kernel)
+9. ``rope_attention``      (``rope_attention_pass.fuse_rope_attention``)    -- only for a paged graph; needs 2's
+   ``cinfer.rope_kv_cache_write``: it and the layer's ``cinfer.paged_attention`` -> ``cinfer.rope_paged_attention``
+   (at decode one kernel); last, so no later pass sees the fused op
 
 The passes run inside ``fx_utils.passes_deferred``: the graph's code is regenerated once, after the last pass, and the
 fake values of the nodes they insert are computed when a later pass reads them, or after the last pass.
 
 For a paged graph the attention pass must rewrite exactly one site per layer, otherwise ``GraphRewriteError``
 names the model class, the pattern and why each candidate was rejected: there is no silent eager fallback.
-The RoPE pass is an optimisation: a layer whose RoPE does not match keeps its ``kv_cache_write`` (logged).
+The RoPE pass is an optimisation: a layer whose RoPE does not match keeps its ``kv_cache_write`` (logged); so is
+the RoPE + attention pass: a layer it does not fuse keeps its two ops (logged).
 """
 import logging
 
@@ -36,13 +40,14 @@ from graph_passes.fx_utils import is_op, passes_deferred
 from graph_passes.linear_pass import route_linears
 from graph_passes.paged_inputs import PagedInputs
 from graph_passes.rms_norm_pass import fuse_rms_norm
+from graph_passes.rope_attention_pass import fuse_rope_attention
 from graph_passes.rope_pass import fuse_rope_kv_cache_write
 from graph_passes.silu_mul_pass import fuse_linear_silu_mul, fuse_silu_mul
 
 logger = logging.getLogger(__name__)
 
 PASS_ORDER = ("attention", "rope", "rms_norm", "fused_add_rms_norm", "fuse_projections", "linear", "silu_mul",
-              "linear_silu_mul")
+              "linear_silu_mul", "rope_attention")
 
 
 def model_class_name(gm: fx.GraphModule) -> str:
@@ -101,6 +106,14 @@ def run_passes(gm: fx.GraphModule, example_inputs: list | None = None, *, num_la
         report["linear"] = route_linears(gm)
         report["silu_mul"] = fuse_silu_mul(gm)
         report["linear_silu_mul"] = fuse_linear_silu_mul(gm)
+        if paged:
+            fused_rejected: list[str] = []
+            report["rope_attention"] = fuse_rope_attention(gm, fused_rejected)
+            if fused_rejected:
+                logger.info("%s: RoPE/cache write fused with attention in %d of %d layers; the others keep two ops: "
+                            "%s", model_name, report["rope_attention"], num_layers, "; ".join(fused_rejected))
+        else:
+            report["rope_attention"] = 0
     gm.graph.lint()
     logger.info("%s: graph passes rewrote %s", model_name, ", ".join(f"{k}={v}" for k, v in report.items()))
     return report

@@ -86,10 +86,11 @@ def test_paged_model_fuses_qkv_and_gate_up(variant):
     assert after["cinfer.linear_silu_mul.default"] == layers
     assert after["narrow"] == 3 * layers
     assert not _copied_narrows(paged.graph_module), "an HF projection output needed a contiguous copy"
-    # the RoPE pass ran before this one: its op now reads q, k and v as column slices of the fused qkv output
-    assert paged.report["rope"] == layers
+    # the RoPE pass ran before this one: its op (fused with attention by the last pass) now reads q, k and v as
+    # column slices of the fused qkv output
+    assert paged.report["rope"] == paged.report["rope_attention"] == layers
     # (the first layer's: later layers reuse its layout check and keep their trace-time fake values)
-    node = next(n for n in paged.graph_module.graph.nodes if n.target is torch.ops.cinfer.rope_kv_cache_write.default)
+    node = next(n for n in paged.graph_module.graph.nodes if n.target is torch.ops.cinfer.rope_paged_attention.default)
     q, k, v = (n.meta["example_value"] for n in node.args[:3])  # row stride: the qkv width, not their own
     assert q.stride(0) == k.stride(0) == v.stride(0) == (q.shape[1] + 2 * k.shape[1]) * q.shape[2]
     # one weight constant per group, one bias constant per group with biases (Qwen2: q/k/v; llama_tied_bias: all)

@@ -113,7 +113,7 @@ def test_pieces_follow_the_layers(monkeypatch):
         for source in node.all_input_nodes:  # no piece reads a later piece's value
             assert parts.get(source, 0) <= part, node.format_node()
     ops = {n: part for n, part in parts.items() if n.op == "call_function"}
-    assert {ops[n] for n in ops if is_op(n, "cinfer.paged_attention.default")} == {1, 2, 3}
+    assert {ops[n] for n in ops if is_op(n, "cinfer.rope_paged_attention.default")} == {1, 2, 3}
     assert [part for n, part in ops.items() if is_op(n, "embedding")] == [0]
     assert [part for n, part in ops.items() if is_op(n, "cinfer.linear.default")][-1] == 4  # lm_head: the epilogue
 
