@@ -8,6 +8,8 @@ and p50/p99 request latency (submission to last token).
 
 Peers: ``cinfer`` (the defaults: async scheduling on a GPU), ``cinfer_sync`` (``async_scheduling=False``),
 ``cinfer_whole`` (the rewritten graph compiled as one graph, not per distinct layer: ``graph_passes.layer_split``),
+``cinfer_rope_unfused`` (RoPE and the cache write as a kernel of their own before decode attention:
+``rope_attention_pass.ROPE_ATTENTION``),
 ``hf_padded``, ``hf_generate_batch``. Each cinfer engine's KV cache holds --max-num-seqs requests of the workload's largest
 length (no preemption at full concurrency) rather than filling free memory: a deleted engine's cache is not
 returned to the device (its compiled graph keeps it alive), so the second cinfer engine must fit beside the first.
@@ -41,8 +43,10 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
-# peer -> (async_scheduling (None: the default), the graph compiled per distinct layer (graph_passes.layer_split))
-CINFER_PEERS = {"cinfer": (None, True), "cinfer_sync": (False, True), "cinfer_whole": (None, False)}
+# peer -> (async_scheduling (None: the default), the graph compiled per distinct layer (graph_passes.layer_split),
+#          RoPE fused into decode attention (graph_passes.rope_attention_pass))
+CINFER_PEERS = {"cinfer": (None, True, True), "cinfer_sync": (False, True, True), "cinfer_whole": (None, False, True),
+                "cinfer_rope_unfused": (None, True, False)}
 BLOCK_SIZE = 16
 
 
@@ -51,10 +55,13 @@ def run_cinfer(model, prompts, olens, max_num_seqs, peer="cinfer"):
     from cinfer_runtime import SamplingParams
 
     layer_split = importlib.import_module("graph_passes.layer_split")
-    async_scheduling, split_layers = CINFER_PEERS[peer]
+    rope_attention_pass = importlib.import_module("graph_passes.rope_attention_pass")
+    async_scheduling, split_layers, fuse_rope = CINFER_PEERS[peer]
     longest = max(len(p) + o for p, o in zip(prompts, olens))
     t0 = time.perf_counter()
-    saved, layer_split.ENABLED = layer_split.ENABLED, layer_split.ENABLED and split_layers
+    saved = layer_split.ENABLED, rope_attention_pass.ROPE_ATTENTION
+    layer_split.ENABLED = saved[0] and split_layers
+    rope_attention_pass.ROPE_ATTENTION = saved[1] and fuse_rope  # read when the engine compiles the graph
     try:
         engine = cinfer_runtime.compile(model, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
                                         num_kv_blocks=max_num_seqs * -(-longest // BLOCK_SIZE),
@@ -62,7 +69,7 @@ def run_cinfer(model, prompts, olens, max_num_seqs, peer="cinfer"):
                                         # the warm-up below reuses 8 of the workload's prompts: no cached prefixes
                                         enable_prefix_caching=False)
     finally:
-        layer_split.ENABLED = saved
+        layer_split.ENABLED, rope_attention_pass.ROPE_ATTENTION = saved
     startup = time.perf_counter() - t0
     engine.generate(prompts[:8], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 8, use_tqdm=False)
     _sync()
@@ -159,12 +166,12 @@ def main():
     for r in rows:
         if r["peer"] in CINFER_PEERS and best_hf and "tok_s" in r:
             r["x_best_hf"] = r["tok_s"] / best_hf
-        for other in ("cinfer_sync", "cinfer_whole"):
+        for other in ("cinfer_sync", "cinfer_whole", "cinfer_rope_unfused"):
             o = next((x for x in rows if x["peer"] == other and "tok_s" in x), None)
             if r["peer"] == "cinfer" and o and "tok_s" in r:
                 r["x_" + other] = r["tok_s"] / o["tok_s"]
     print_table(rows, ["peer", "tok_s", "elapsed_s", "p50_s", "p99_s", "startup_s", "x_best_hf", "x_cinfer_sync",
-                       "x_cinfer_whole", "preemptions", "overlapped_steps", "error"])
+                       "x_cinfer_whole", "x_cinfer_rope_unfused", "preemptions", "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_serving_{args.model.replace('/', '_')}.json", dict(info=info, args=vars(args), rows=rows))
 
 
