@@ -7,7 +7,7 @@ Layout (DESIGN.md): query/output ``[num_tokens, num_heads, head_dim]``, caches
 Nothing past a sequence's context (slots, block-table entries) is ever read.
 
 With programmatic dependent launch (``cinfer_ops.pdl``) the decode kernel reads ``query_start_loc`` and
-``seq_lens`` before it waits for the previous kernel: they must not be written by a kernel that may still run when
+``seq_lens`` (and ``rope_paged_attention``'s ``slot_mapping``) before it waits for the previous kernel: they must not be written by a kernel that may still run when
 this one starts, i.e. by the kernel just before it in the stream or one launched with PDL before that (a step's
 inputs, copied in before its kernels, are fine).
 """
