@@ -630,6 +630,23 @@ def _pick(configs: dict, d_pad: int):
     return configs[min((k for k in configs if k >= d_pad), default=max(configs))]
 
 
+# fp32 K/V tiles of at most this many elements (block_n x padded head_dim) per decode step.
+_FP32_DECODE_TILE = 2048
+
+
+@functools.lru_cache(maxsize=None)
+def default_decode_config(d_pad: int, dtype: torch.dtype) -> DecodeConfig:
+    """The decode tiling for this padded head_dim and dtype: ``DECODE_CONFIGS``' row, whose tiles were sized for
+    16-bit K/V. fp32 dots run as exact FMAs (``DOT_PRECISION`` "ieee"), and at those tiles the sm_90 kernel spills
+    (triton 3.6: 7.8 KB of stack a thread at head_dim 128 with bn128, 255 registers and 0.5 KB with bn64). So fp32
+    takes tiles of ``_FP32_DECODE_TILE`` elements, which compile without spills (head_dim 64: bn32, 99 registers;
+    128 and 256: bn16, 90 and 120), and no one-wave tiling (its resident counts are the 16-bit kernel's)."""
+    cfg = _pick(DECODE_CONFIGS, d_pad)
+    if dtype != torch.float32:
+        return cfg
+    return dataclasses.replace(cfg, block_n=max(16, min(cfg.block_n, _FP32_DECODE_TILE // d_pad)), wave_block_n=0)
+
+
 def _tiles(keys: int, cfg: DecodeConfig) -> int:
     """keys rounded up to whole tiles of cfg.block_n."""
     return triton.cdiv(keys, cfg.block_n) * cfg.block_n
@@ -656,11 +673,13 @@ def _step_config(pairs: int, max_context: int, cfg: DecodeConfig, num_sms: int) 
 
 
 def decode_variant_batches(max_batch: int, num_kv_heads: int, head_dim: int, device: torch.device,
-                           decode_config: DecodeConfig | None = None) -> list[int]:
-    """The smallest decode batch (<= max_batch) of each tiling the decode kernel takes with this config: [1], or
-    [1, b] where the one-wave band begins at b. A warm-up that runs a decode step of each (and of max_batch)
-    compiles every decode variant a serving step can reach."""
-    cfg = decode_config or _pick(DECODE_CONFIGS, max(triton.next_power_of_2(head_dim), 16))
+                           decode_config: DecodeConfig | None = None,
+                           dtype: torch.dtype = torch.bfloat16) -> list[int]:
+    """The smallest decode batch (<= max_batch) of each tiling the decode kernel takes with this config (default:
+    ``default_decode_config`` for head_dim and the cache dtype): [1], or [1, b] where the one-wave band begins at b.
+    A warm-up that runs a decode step of each (and of max_batch) compiles every decode variant a serving step can
+    reach."""
+    cfg = decode_config or default_decode_config(max(triton.next_power_of_2(head_dim), 16), dtype)
     sms = _num_sms(device)
     batches, seen = [], set()
     for batch in range(1, max_batch + 1):
@@ -822,7 +841,8 @@ def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
         rope = (*(t if t.stride(-1) == 1 else t.contiguous() for t in (key, value, *rows)), slot_mapping)
     if num_tokens == batch:
         _launch_decode(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
-                       decode_config or _pick(DECODE_CONFIGS, d_pad), qk_scale, rope, SEARCH_CHUNK=_SEARCH_CHUNK,
+                       decode_config or default_decode_config(d_pad, query.dtype), qk_scale, rope,
+                       SEARCH_CHUNK=_SEARCH_CHUNK,
                        DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, INT64_OFFSETS=int64_offsets,
                        **pdl_launch_options(query.device))
         return out

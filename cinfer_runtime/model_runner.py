@@ -153,7 +153,8 @@ class ModelRunner:
         decode_batches = ()
         if on_gpu:
             _, _, kv_heads, head_dim = paged_model.k_caches[0].shape
-            decode_batches = decode_variant_batches(max_batch, kv_heads, head_dim, device)
+            decode_batches = decode_variant_batches(max_batch, kv_heads, head_dim, device,
+                                                    dtype=paged_model.k_caches[0].dtype)
         self._warm_up_steps = warm_up_steps(max_batch, max_num_tokens, config.max_model_len, all_variants=on_gpu,
                                             decode_batches=decode_batches)
         # One sequence more than any step has: the prefill CUDA graphs' padding (StepGraphs.prefill_batch).

@@ -317,6 +317,20 @@ def test_one_wave_tiling_band(monkeypatch):
     assert variant_batches(64, 8, 128, torch.device("cpu")) == [1, 50]
     assert variant_batches(40, 8, 128, torch.device("cpu")) == [1]
     assert variant_batches(256, 8, 256, torch.device("cpu")) == [1]  # the head_dim-256 row has no wave tiling
+    assert variant_batches(256, 8, 128, torch.device("cpu"), dtype=torch.float32) == [1]  # nor has fp32
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_fp32_decode_tiles_are_smaller(head_dim):
+    # 16-bit K/V take DECODE_CONFIGS' row; fp32 (exact FMA dots, which spill at those tiles on sm_90) takes tiles of
+    # at most _FP32_DECODE_TILE elements, whole keys of 16 at least, without the one-wave tiling.
+    row = paged_attention_module._pick(paged_attention_module.DECODE_CONFIGS, head_dim)
+    default = paged_attention_module.default_decode_config
+    assert default(head_dim, torch.bfloat16) is row and default(head_dim, torch.float16) is row
+    fp32 = default(head_dim, torch.float32)
+    assert fp32.block_n == max(16, min(row.block_n, paged_attention_module._FP32_DECODE_TILE // head_dim))
+    assert fp32.block_n < row.block_n and fp32.wave_block_n == 0
+    assert dataclasses.replace(fp32, block_n=row.block_n, wave_block_n=row.wave_block_n) == row  # nothing else
 
 
 @settings(max_examples=200, deadline=None)
