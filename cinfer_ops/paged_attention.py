@@ -26,16 +26,29 @@ from cinfer_ops.pdl import pdl_launch_dependents, pdl_launch_options, pdl_start,
 
 def _check(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
            query_start_loc: Tensor) -> None:
-    assert query.dim() == 3, f"query must be [num_tokens, num_heads, head_dim], got {tuple(query.shape)}"
-    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, f"caches must be [blocks, block_size, kv_heads, head_dim], got {tuple(k_cache.shape)}"
+    """Shapes and index dtypes of the op's arguments (shared with ``rope_paged_attention``); ValueError names the
+    first one that is wrong."""
+    if query.dim() != 3:
+        raise ValueError(f"query must be [num_tokens, num_heads, head_dim], got {tuple(query.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"caches must both be [blocks, block_size, kv_heads, head_dim], got {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
     num_heads, head_dim = query.shape[1:]
     kv_heads = k_cache.shape[2]
-    assert k_cache.shape[3] == head_dim, f"cache head_dim {k_cache.shape[3]} != query head_dim {head_dim}"
-    assert num_heads % kv_heads == 0, f"num_heads {num_heads} not a multiple of num_kv_heads {kv_heads}"
-    assert block_tables.dim() == 2 and block_tables.dtype == torch.int32, "block_tables must be int32 [batch, max_blocks_per_seq]"
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"cache head_dim {k_cache.shape[3]} != query head_dim {head_dim}")
+    if num_heads % kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {kv_heads}")
+    if block_tables.dim() != 2 or block_tables.dtype != torch.int32:
+        raise ValueError(f"block_tables must be int32 [batch, max_blocks_per_seq], got {block_tables.dtype} "
+                         f"{tuple(block_tables.shape)}")
     batch = block_tables.shape[0]
-    assert seq_lens.shape == (batch,) and seq_lens.dtype == torch.int32, "seq_lens must be int32 [batch]"
-    assert query_start_loc.shape == (batch + 1,) and query_start_loc.dtype == torch.int32, "query_start_loc must be int32 [batch + 1]"
+    if seq_lens.shape != (batch,) or seq_lens.dtype != torch.int32:
+        raise ValueError(f"seq_lens must be int32 [{batch}] (block_tables' batch), got {seq_lens.dtype} "
+                         f"{tuple(seq_lens.shape)}")
+    if query_start_loc.shape != (batch + 1,) or query_start_loc.dtype != torch.int32:
+        raise ValueError(f"query_start_loc must be int32 [{batch + 1}], got {query_start_loc.dtype} "
+                         f"{tuple(query_start_loc.shape)}")
 
 
 def paged_attention_reference(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
@@ -809,7 +822,8 @@ def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
     can be captured in a CUDA graph. ``num_tokens == batch`` runs the split-KV decode kernel (plus the merge of
     its splits when there is more than one), anything else the tiled flash kernel; both are correct for any
     ``query_start_loc``. ``decode_config``/``prefill_config`` override the tiling and variants (tuning, tests).
-    ``rope``: ``(key, value, cos, sin, slot_mapping)`` of ``rope_paged_attention``, for a decode step only.
+    ``rope``: ``(key, value, cos, sin, slot_mapping)`` of ``rope_paged_attention`` for a decode step only, as
+    ``_launch_decode`` takes them.
     """
     _check(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     num_tokens, num_heads, head_dim = query.shape
@@ -834,11 +848,7 @@ def paged_attention_triton(query: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
     int64_offsets = k_cache.numel() >= _INT32_OFFSET_LIMIT
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
 
-    if rope is not None:
-        assert num_tokens == batch, "rope_paged_attention folds RoPE into the decode kernel only"
-        key, value, cos, sin, slot_mapping = rope
-        rows = [t[0] if t.dim() == 3 else t for t in (cos, sin)]
-        rope = (*(t if t.stride(-1) == 1 else t.contiguous() for t in (key, value, *rows)), slot_mapping)
+    assert rope is None or num_tokens == batch, "rope_paged_attention folds RoPE into the decode kernel only"
     if num_tokens == batch:
         _launch_decode(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
                        decode_config or default_decode_config(d_pad, query.dtype), qk_scale, rope,

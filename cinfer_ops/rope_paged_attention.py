@@ -27,26 +27,17 @@ Arguments are those of the two ops (layouts, dtypes and rules as there), and the
 import torch
 from torch import Tensor
 
+from cinfer_ops.paged_attention import _check as _check_attention
 from cinfer_ops.paged_attention import paged_attention_reference, paged_attention_triton
-from cinfer_ops.rope_kv_cache_write import (_check as _check_rope, rope_kv_cache_write_reference,
-                                            rope_kv_cache_write_triton)
+from cinfer_ops.rope_kv_cache_write import _check as _check_rope
+from cinfer_ops.rope_kv_cache_write import _token_rows, _unit_last_stride
+from cinfer_ops.rope_kv_cache_write import rope_kv_cache_write_reference, rope_kv_cache_write_triton
 
 
 def _check(query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
            slot_mapping: Tensor, block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor) -> None:
     _check_rope(query, key, value, cos, sin, k_cache, v_cache, slot_mapping)
-    batch = block_tables.shape[0] if block_tables.dim() == 2 else -1
-    if block_tables.dim() != 2 or block_tables.dtype != torch.int32:
-        raise ValueError(f"block_tables must be int32 [batch, max_blocks_per_seq], got {block_tables.dtype} "
-                         f"{tuple(block_tables.shape)}")
-    if seq_lens.shape != (batch,) or seq_lens.dtype != torch.int32:
-        raise ValueError(f"seq_lens must be int32 [{batch}] (block_tables' batch), got {seq_lens.dtype} "
-                         f"{tuple(seq_lens.shape)}")
-    if query_start_loc.shape != (batch + 1,) or query_start_loc.dtype != torch.int32:
-        raise ValueError(f"query_start_loc must be int32 [{batch + 1}], got {query_start_loc.dtype} "
-                         f"{tuple(query_start_loc.shape)}")
-    if query.shape[1] % key.shape[1]:
-        raise ValueError(f"num_heads {query.shape[1]} is not a multiple of num_kv_heads {key.shape[1]}")
+    _check_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
 
 
 def rope_paged_attention_reference(query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor,
@@ -65,9 +56,9 @@ def rope_paged_attention_triton(query: Tensor, key: Tensor, value: Tensor, cos: 
     ``decode_config``/``prefill_config`` as for ``paged_attention_triton``."""
     _check(query, key, value, cos, sin, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc)
     if query.shape[0] == block_tables.shape[0]:
+        rope = (*map(_unit_last_stride, (key, value, _token_rows(cos), _token_rows(sin))), slot_mapping)
         return paged_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                      decode_config=decode_config,
-                                      rope=(key, value, cos, sin, slot_mapping))
+                                      decode_config=decode_config, rope=rope)
     q_rot = rope_kv_cache_write_triton(query, key, value, cos, sin, k_cache, v_cache, slot_mapping)
     return paged_attention_triton(q_rot, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                   prefill_config=prefill_config, decode_config=decode_config)

@@ -59,6 +59,17 @@ def model_class_name(gm: fx.GraphModule) -> str:
     return type(gm).__name__
 
 
+def _optional_pass(fuse, gm: fx.GraphModule, model_name: str, num_layers: int | None, done: str,
+                   others: str) -> int:
+    """Run an optimisation pass ``fuse(gm, rejected)``; the layers it left alone are logged, not raised."""
+    rejected: list[str] = []
+    count = fuse(gm, rejected)
+    if rejected:
+        logger.info("%s: %s in %d of %d layers; %s: %s", model_name, done, count, num_layers, others,
+                    "; ".join(rejected))
+    return count
+
+
 def run_passes(gm: fx.GraphModule, example_inputs: list | None = None, *, num_layers: int | None = None,
                model_name: str | None = None) -> dict[str, int]:
     """Rewrite ``gm`` in place; returns the sites rewritten per pass, in ``PASS_ORDER``.
@@ -90,11 +101,9 @@ def run_passes(gm: fx.GraphModule, example_inputs: list | None = None, *, num_la
             if leftover:
                 raise GraphRewriteError(f"{model_name}: scaled_dot_product_attention left after the attention pass: "
                                         f"{leftover}")
-            rope_rejected: list[str] = []
-            report["rope"] = fuse_rope_kv_cache_write(gm, rope_rejected)
-            if rope_rejected:
-                logger.info("%s: RoPE fused with the cache write in %d of %d layers; the others keep HF's RoPE and "
-                            "kv_cache_write: %s", model_name, report["rope"], num_layers, "; ".join(rope_rejected))
+            report["rope"] = _optional_pass(fuse_rope_kv_cache_write, gm, model_name, num_layers,
+                                            "RoPE fused with the cache write",
+                                            "the others keep HF's RoPE and kv_cache_write")
         else:
             report["attention"] = report["rope"] = 0
             logger.info("%s: no paged cache bound to this graph, so attention is left to SDPA / eager attention "
@@ -106,14 +115,9 @@ def run_passes(gm: fx.GraphModule, example_inputs: list | None = None, *, num_la
         report["linear"] = route_linears(gm)
         report["silu_mul"] = fuse_silu_mul(gm)
         report["linear_silu_mul"] = fuse_linear_silu_mul(gm)
-        if paged:
-            fused_rejected: list[str] = []
-            report["rope_attention"] = fuse_rope_attention(gm, fused_rejected)
-            if fused_rejected:
-                logger.info("%s: RoPE/cache write fused with attention in %d of %d layers; the others keep two ops: "
-                            "%s", model_name, report["rope_attention"], num_layers, "; ".join(fused_rejected))
-        else:
-            report["rope_attention"] = 0
+        report["rope_attention"] = _optional_pass(fuse_rope_attention, gm, model_name, num_layers,
+                                                  "RoPE/cache write fused with attention",
+                                                  "the others keep two ops") if paged else 0
     gm.graph.lint()
     logger.info("%s: graph passes rewrote %s", model_name, ", ".join(f"{k}={v}" for k, v in report.items()))
     return report
