@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from benchmarks.common import device_info, print_table, write_json
+from benchmarks.common import compile_counts, device_info, print_table, write_json
 from benchmarks.models import load_model
 
 
@@ -73,6 +73,7 @@ def run_cinfer(model, prompts, olens, max_num_seqs, peer="cinfer"):
     startup = time.perf_counter() - t0
     engine.generate(prompts[:8], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 8, use_tqdm=False)
     _sync()
+    compiled = compile_counts()
     start = time.perf_counter()
     ids = {engine.add_request(p, SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True)): o
            for p, o in zip(prompts, olens)}
@@ -83,10 +84,12 @@ def run_cinfer(model, prompts, olens, max_num_seqs, peer="cinfer"):
                 latency[out.request_id] = time.perf_counter() - start
                 produced += len(out.token_ids)
     elapsed = time.perf_counter() - start
+    compiled_in_run = {key: value - compiled[key] for key, value in compile_counts().items()}
     assert len(latency) == len(ids) and produced == sum(olens), (len(latency), produced, sum(olens))
     return dict(peer=peer, tok_s=sum(olens) / elapsed, elapsed_s=elapsed, startup_s=startup,
                 p50_s=_pct(latency.values(), 50), p99_s=_pct(latency.values(), 99),
-                preemptions=engine.scheduler.num_preemptions, overlapped_steps=engine.num_overlapped_steps)
+                preemptions=engine.scheduler.num_preemptions, overlapped_steps=engine.num_overlapped_steps,
+                compiled_in_run=compiled_in_run)
 
 
 def run_hf_padded(model, prompts, olens, batch_size):
@@ -171,7 +174,8 @@ def main():
             if r["peer"] == "cinfer" and o and "tok_s" in r:
                 r["x_" + other] = r["tok_s"] / o["tok_s"]
     print_table(rows, ["peer", "tok_s", "elapsed_s", "p50_s", "p99_s", "startup_s", "x_best_hf", "x_cinfer_sync",
-                       "x_cinfer_whole", "x_cinfer_rope_unfused", "preemptions", "overlapped_steps", "error"])
+                       "x_cinfer_whole", "x_cinfer_rope_unfused", "preemptions", "overlapped_steps", "compiled_in_run",
+                       "error"])
     write_json(f"{args.out}/bench_serving_{args.model.replace('/', '_')}.json", dict(info=info, args=vars(args), rows=rows))
 
 

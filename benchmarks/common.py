@@ -111,6 +111,28 @@ def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def compile_counts() -> dict:
+    """How much has been compiled in this process so far: Triton variants of cinfer's kernels, graphs Dynamo has
+    made, Inductor FX-graph compiles. The difference across a timed run says whether the run compiled (a serving
+    step whose kernel variant the warm-up never made pays its JIT inside the run)."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import cinfer_ops
+
+    variants = 0
+    for info in pkgutil.iter_modules(cinfer_ops.__path__):
+        module = importlib.import_module(f"cinfer_ops.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, triton.runtime.jit.JITFunction):
+                variants += sum(len(cache[0]) for cache in value.device_caches.values())
+    counters = torch._dynamo.utils.counters
+    return dict(triton_variants=variants, dynamo_graphs=counters["stats"]["unique_graphs"],
+                inductor_compiles=counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"])
+
+
 def write_json(path: str, obj: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

@@ -19,6 +19,7 @@ tile holding its columns' gate rows and up rows, and writes ``silu(gate) * up`` 
 kernel and the [M, 2 * I] projection's write and read are gone (``graph_passes.silu_mul_pass``).
 """
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,10 @@ GPU_LINEAR_CONFIGS = {"H200": H200_LINEAR_CONFIGS, "H100": H100_LINEAR_CONFIGS}
 # One table for every GPU instead (tune_linear.py's output through bench_generate --linear-configs, tests), or None.
 LINEAR_CONFIGS: dict[tuple[int, int], LinearConfig | None] | None = None
 _DTYPES = (torch.bfloat16, torch.float16)
+# Which programs let the next kernel launch (PDL) before their K loop rather than after it: "single" every program
+# of a grid of at most one program per SM, "last" the last such wave of any grid, "off" none. Llama-3-8B batch 1 on
+# an H100 (RESULTS.md run BZ): 177 tok/s "single", 174 "off", 160 "last". CINFER_LINEAR_EARLY overrides it.
+EARLY_DEPENDENTS = os.environ.get("CINFER_LINEAR_EARLY", "single")
 
 
 def load_linear_configs(path: str) -> dict[tuple[int, int], LinearConfig | None]:
@@ -111,9 +116,10 @@ def pick_linear_config(rows: int, n: int, k: int, device: torch.device | None = 
     return linear_configs(device).get((n, k), DEFAULT_LINEAR_CONFIG)
 
 
-@triton.jit(do_not_specialize=["M"])  # one variant for every row count (1 and 16 would each get their own)
+# One variant for every row count (1 and 16 would each get their own) and grid.
+@triton.jit(do_not_specialize=["M", "early_from"])
 def _stream_linear_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, early_from,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr, GATED: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -136,7 +142,11 @@ def _stream_linear_kernel(
     else:
         rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rows_n < N
-    pdl_wait(USE_PDL)  # x comes from the previous kernel (cinfer_ops.pdl)
+    # PDL (cinfer_ops.pdl): programs from early_from on (_early_from) let the next kernel launch now, so that it
+    # is resident on the SMs this grid leaves idle, waiting, when this one ends; the others after their loop.
+    if tl.program_id(0) >= early_from:
+        pdl_launch_dependents(USE_PDL)
+    pdl_wait(USE_PDL)  # x comes from the previous kernel
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]        # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows_m.to(tl.int64)[None, :] * stride_xm + ks[:, None]        # [BLOCK_K, BLOCK_M]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -156,7 +166,8 @@ def _stream_linear_kernel(
             acc = tl.dot(w, x, acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    pdl_launch_dependents(USE_PDL)  # the next kernel may become resident during this one's tail
+    if tl.program_id(0) < early_from:
+        pdl_launch_dependents(USE_PDL)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     dtype = out_ptr.dtype.element_ty
@@ -192,6 +203,22 @@ def _check_gated(weight: Tensor) -> None:
         raise ValueError(f"a gated weight stacks gate and up rows, so its rows must be even, got {tuple(weight.shape)}")
 
 
+def _early_from(programs: int, device: torch.device) -> int:
+    """The first program of the streaming kernel's grid that lets the next kernel launch before its K loop
+    (``EARLY_DEPENDENTS``), taking a wave as one program per SM; ``programs`` for none. A one-wave projection
+    (q/k/v, o_proj, down_proj at batch 1) then has decode attention or the next norm resident and waiting on the
+    SMs it leaves idle; in a grid of several waves the next kernel's waiting programs cost the last wave more than
+    they save."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    if EARLY_DEPENDENTS == "last":
+        return max(0, programs - sms)
+    if EARLY_DEPENDENTS == "single":
+        return 0 if programs <= sms else programs
+    if EARLY_DEPENDENTS != "off":
+        raise ValueError(f"EARLY_DEPENDENTS must be 'single', 'last' or 'off', got {EARLY_DEPENDENTS!r}")
+    return programs
+
+
 def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
                          config: LinearConfig | None = None, gated: bool = False) -> Tensor:
     """The streaming kernel for x: [..., K] with at most ``MAX_STREAM_ROWS`` rows, weight [N, K] (unit stride along
@@ -215,9 +242,10 @@ def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
     if m and n:
         config = config or DEFAULT_LINEAR_CONFIG
         columns = config.block_n // 2 if gated else config.block_n  # output columns per program
-        launch(_stream_linear_kernel, (triton.cdiv(n, columns),),
+        programs = triton.cdiv(n, columns)
+        launch(_stream_linear_kernel, (programs,),
             x2, weight, bias if bias is not None else weight, out, m, n, k,
-            x2.stride(0), weight.stride(0), out.stride(0),
+            x2.stride(0), weight.stride(0), out.stride(0), _early_from(programs, x.device),
             HAS_BIAS=bias is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN_K=k % config.block_k == 0, UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
             FP32_IEEE=x.dtype == torch.float32, GATED=gated,
