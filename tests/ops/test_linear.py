@@ -218,3 +218,19 @@ def test_linear_silu_mul_bad_input_is_named():
         linear_stream_triton(x.to(TRITON_DEVICE), w.to(TRITON_DEVICE), gated=True)
     with pytest.raises(ValueError, match="in_features"):
         torch.ops.cinfer.linear_silu_mul(torch.randn(2, 12), w[:8], None)
+
+
+def test_early_dependents_modes(monkeypatch):
+    """Which programs of the streaming kernel let the next kernel launch before their K loop (PDL): every one of a
+    one-wave grid ("single", the default), the last wave of any grid ("last"), none ("off"); on CPU a wave is 8."""
+    mod = importlib.import_module("cinfer_ops.linear")
+    cpu = torch.device("cpu")
+    assert mod.EARLY_DEPENDENTS == "single"
+    assert [mod._early_from(p, cpu) for p in (1, 8, 9, 40)] == [0, 0, 9, 40]
+    monkeypatch.setattr(mod, "EARLY_DEPENDENTS", "last")
+    assert [mod._early_from(p, cpu) for p in (1, 8, 9, 40)] == [0, 0, 1, 32]
+    monkeypatch.setattr(mod, "EARLY_DEPENDENTS", "off")
+    assert [mod._early_from(p, cpu) for p in (1, 8, 40)] == [1, 8, 40]
+    monkeypatch.setattr(mod, "EARLY_DEPENDENTS", "early")
+    with pytest.raises(ValueError, match="EARLY_DEPENDENTS must be"):
+        mod._early_from(8, cpu)
