@@ -129,8 +129,9 @@ def compile_counts() -> dict:
             if isinstance(value, triton.runtime.jit.JITFunction):
                 variants += sum(len(cache[0]) for cache in value.device_caches.values())
     counters = torch._dynamo.utils.counters
+    inductor = counters["inductor"]
     return dict(triton_variants=variants, dynamo_graphs=counters["stats"]["unique_graphs"],
-                inductor_compiles=counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"])
+                inductor_compiles=inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_hit"])
 
 
 def write_json(path: str, obj: dict) -> None:
