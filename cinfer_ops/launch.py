@@ -15,6 +15,7 @@ launchers' choices) matters.
 On CPU (Triton's interpreter) there is nothing to compile and ``compile_ahead`` changes nothing.
 """
 import contextlib
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
@@ -53,6 +54,14 @@ class _Ahead:
     def wait(self) -> None:
         for load in self.loads:
             load.result()
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """The device's SM count, which launchers size grids by; on CPU (Triton's interpreter) any small number: 8."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
 
 
 _ahead: ContextVar[_Ahead | None] = ContextVar("cinfer_compile_ahead", default=None)

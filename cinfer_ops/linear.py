@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cinfer_ops.launch import launch
+from cinfer_ops.launch import launch, num_sms
 from cinfer_ops.pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
 from cinfer_ops.silu_mul import silu_mul_reference, silu_mul_triton
 
@@ -71,10 +71,10 @@ GPU_LINEAR_CONFIGS = {"H200": H200_LINEAR_CONFIGS, "H100": H100_LINEAR_CONFIGS}
 # One table for every GPU instead (tune_linear.py's output through bench_generate --linear-configs, tests), or None.
 LINEAR_CONFIGS: dict[tuple[int, int], LinearConfig | None] | None = None
 _DTYPES = (torch.bfloat16, torch.float16)
-# Which programs let the next kernel launch (PDL) before their K loop rather than after it: "single" every program
-# of a grid of at most one program per SM, "last" the last such wave of any grid, "off" none. Llama-3-8B batch 1 on
-# an H100 (RESULTS.md run BZ): 177 tok/s "single", 174 "off", 160 "last". CINFER_LINEAR_EARLY overrides it.
-EARLY_DEPENDENTS = os.environ.get("CINFER_LINEAR_EARLY", "single")
+# Whether a grid of at most one program per SM lets the next kernel launch (PDL) before its K loop rather than after
+# it (see _early_from). Llama-3-8B batch 1 on an H100 (RESULTS.md run BZ): 177 tok/s against 174 without; the same
+# for the last wave of any grid ran 160. CINFER_LINEAR_EARLY=0 turns it off.
+EARLY_DEPENDENTS = os.environ.get("CINFER_LINEAR_EARLY", "1") != "0"
 
 
 def load_linear_configs(path: str) -> dict[tuple[int, int], LinearConfig | None]:
@@ -204,19 +204,12 @@ def _check_gated(weight: Tensor) -> None:
 
 
 def _early_from(programs: int, device: torch.device) -> int:
-    """The first program of the streaming kernel's grid that lets the next kernel launch before its K loop
-    (``EARLY_DEPENDENTS``), taking a wave as one program per SM; ``programs`` for none. A one-wave projection
-    (q/k/v, o_proj, down_proj at batch 1) then has decode attention or the next norm resident and waiting on the
-    SMs it leaves idle; in a grid of several waves the next kernel's waiting programs cost the last wave more than
-    they save."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    if EARLY_DEPENDENTS == "last":
-        return max(0, programs - sms)
-    if EARLY_DEPENDENTS == "single":
-        return 0 if programs <= sms else programs
-    if EARLY_DEPENDENTS != "off":
-        raise ValueError(f"EARLY_DEPENDENTS must be 'single', 'last' or 'off', got {EARLY_DEPENDENTS!r}")
-    return programs
+    """The first program of the streaming kernel's grid that lets the next kernel launch before its K loop: all of
+    a one-wave grid (at most one program per SM) with ``EARLY_DEPENDENTS``, else none (``programs``). A one-wave
+    projection (q/k/v, o_proj, down_proj at batch 1) then has decode attention or the next norm resident and
+    waiting on the SMs it leaves idle; in a grid of several waves the next kernel's waiting programs cost the last
+    wave more than they save."""
+    return 0 if EARLY_DEPENDENTS and programs <= num_sms(device) else programs
 
 
 def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,

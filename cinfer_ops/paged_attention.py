@@ -7,9 +7,9 @@ Layout (DESIGN.md): query/output ``[num_tokens, num_heads, head_dim]``, caches
 Nothing past a sequence's context (slots, block-table entries) is ever read.
 
 With programmatic dependent launch (``cinfer_ops.pdl``) the decode kernel reads ``query_start_loc`` and
-``seq_lens`` (and ``rope_paged_attention``'s ``slot_mapping``) before it waits for the previous kernel: they must not be written by a kernel that may still run when
-this one starts, i.e. by the kernel just before it in the stream or one launched with PDL before that (a step's
-inputs, copied in before its kernels, are fine).
+``seq_lens`` (and ``rope_paged_attention``'s ``slot_mapping``) before it waits for the previous kernel: they must
+not be written by a kernel that may still run when this one starts, i.e. by the kernel just before it in the stream
+or one launched with PDL before that (a step's inputs, copied in before its kernels, are fine).
 """
 import dataclasses
 import functools
@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cinfer_ops.launch import launch
+from cinfer_ops.launch import num_sms as _num_sms  # a module attribute: tests set other SM counts
 from cinfer_ops.pdl import pdl_launch_dependents, pdl_launch_options, pdl_start, pdl_wait
 
 
@@ -630,13 +631,6 @@ def _prefill_kernel(
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tokens64[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=io_mask)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: any small number
 
 
 def _pick(configs: dict, d_pad: int):

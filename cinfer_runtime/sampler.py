@@ -15,7 +15,6 @@ elsewhere the same arithmetic runs as torch int64 ops (two's-complement wrap-aro
 give the same uniforms bit for bit; tokens agree unless two noisy scores are within an ulp (not guaranteed across
 devices).
 """
-import functools
 import math
 from dataclasses import dataclass
 from itertools import chain
@@ -27,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cinfer_ops.launch import launch
+from cinfer_ops.launch import num_sms as _num_sms
 from cinfer_runtime.sampling_params import SamplingParams
 
 # splitmix64's increment and finaliser multipliers (Steele, Lea, Flood 2014; Vigna's constants).
@@ -177,13 +177,6 @@ def _reduce_partials_kernel(partials_ptr, num_chunks, out_ptr, BLOCK: tl.constex
         best_value, best_index, first_nan = _argmax_update(best_value, best_index, first_nan, value, index)
     _, index = _argmax_result(best_value, best_index, first_nan)
     tl.store(out_ptr + row, index.to(tl.int64))
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: any small number
 
 
 def split_for(batch: int, vocab_size: int, num_sms: int, block: int = SPLIT_BLOCK) -> tuple[int, int]:

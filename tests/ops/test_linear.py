@@ -220,17 +220,13 @@ def test_linear_silu_mul_bad_input_is_named():
         torch.ops.cinfer.linear_silu_mul(torch.randn(2, 12), w[:8], None)
 
 
-def test_early_dependents_modes(monkeypatch):
-    """Which programs of the streaming kernel let the next kernel launch before their K loop (PDL): every one of a
-    one-wave grid ("single", the default), the last wave of any grid ("last"), none ("off"); on CPU a wave is 8."""
+def test_early_dependents(monkeypatch):
+    """A one-wave grid (at most one program per SM; 8 on CPU) lets the next kernel launch before its K loop (PDL):
+    every program from 0 on; a larger grid, or EARLY_DEPENDENTS off, none (from ``programs`` on)."""
     mod = importlib.import_module("cinfer_ops.linear")
     cpu = torch.device("cpu")
-    assert mod.EARLY_DEPENDENTS == "single"
+    assert mod.EARLY_DEPENDENTS  # on by default
+    monkeypatch.setattr(mod, "EARLY_DEPENDENTS", True)
     assert [mod._early_from(p, cpu) for p in (1, 8, 9, 40)] == [0, 0, 9, 40]
-    monkeypatch.setattr(mod, "EARLY_DEPENDENTS", "last")
-    assert [mod._early_from(p, cpu) for p in (1, 8, 9, 40)] == [0, 0, 1, 32]
-    monkeypatch.setattr(mod, "EARLY_DEPENDENTS", "off")
+    monkeypatch.setattr(mod, "EARLY_DEPENDENTS", False)
     assert [mod._early_from(p, cpu) for p in (1, 8, 40)] == [1, 8, 40]
-    monkeypatch.setattr(mod, "EARLY_DEPENDENTS", "early")
-    with pytest.raises(ValueError, match="EARLY_DEPENDENTS must be"):
-        mod._early_from(8, cpu)
