@@ -9,7 +9,9 @@ device-to-device copy bandwidth measured at the start of the run (benchmarks/com
 and rope at 8192 tokens are timed in steady state: every implementation runs back to back over copies of its
 buffers (about 1 GiB in all, as the 2 GiB copy does), with no L2 flush between calls; cinfer's row "one call after
 an L2 flush" is the single-call timing of runs before session 8. Attention moves hundreds of MB a call and keeps
-the single-call timing. Prefill attention reports
+the single-call timing. Decode's cinfer row lays each sequence's blocks out where the runtime's block manager puts
+them (``runtime_block_tables``); rows with the blocks in a random order and consecutive are informational. Prefill
+attention reports
 TFLOP/s (causal FLOPs 4 * seq^2 / 2 * heads * head_dim per sequence, the same count for every implementation).
 Every implementation's output is checked against a reference once before it is timed; a wrong result is marked
 WRONG and never counts as meeting its target. A failing section prints its error and the others still run.
@@ -424,6 +426,34 @@ def _paged_kv(batch: int, ctx: int):
     return k_cache, v_cache, block_tables, dense(k_cache), dense(v_cache)
 
 
+DECODE_PROMPT = 128  # bench_generate's prompt length
+
+
+def runtime_block_tables(batch: int, ctx: int, prompt: int = DECODE_PROMPT) -> torch.Tensor:
+    """The block tables the runtime's block manager (cinfer_runtime.block_manager, a fresh cache of exactly the
+    blocks needed) gives `batch` sequences admitted together with `prompt`-token prompts and then decoded together
+    to `ctx` tokens: each prompt's blocks consecutive, then the sequences' decode blocks interleaved, one per
+    sequence every block_size steps."""
+    from cinfer_runtime.block_manager import BlockManager
+
+    blocks_per_seq = ctx // BLOCK_SIZE
+    manager = BlockManager(batch * blocks_per_seq, BLOCK_SIZE)
+    for seq in range(batch):
+        manager.grow(seq, min(prompt, ctx))
+    for tokens in range(min(prompt, ctx) + 1, ctx + 1, BLOCK_SIZE):  # each step that starts a block
+        for seq in range(batch):
+            manager.grow(seq, tokens)
+    return torch.tensor([manager.block_tables[seq] for seq in range(batch)], dtype=torch.int32, device=DEVICE)
+
+
+def _relaid(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, new_tables: torch.Tensor):
+    """The same K/V (block j of sequence s) moved to the blocks of new_tables."""
+    old, new = block_tables.long().flatten(), new_tables.long().flatten()
+    k, v = torch.empty_like(k_cache), torch.empty_like(v_cache)
+    k[new], v[new] = k_cache[old], v_cache[old]
+    return k, v
+
+
 def _sdpa_decode_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> dict:
     """SDPA for one query token per sequence. q: [batch, heads, head_dim]; k, v: [batch, kv_heads, ctx, head_dim].
     Both variants read K/V once: 'grouped' folds each kv head's query heads into the query-length axis (no mask
@@ -461,19 +491,31 @@ def bench_decode(args, copy_bw: float) -> list[dict]:
                 query.float().view(batch, NUM_KV_HEADS, group, HEAD_DIM), k.float(), v.float(), scale=scale,
             ).reshape(batch, NUM_HEADS, HEAD_DIM)
 
+            # The primary row: each sequence's blocks where the runtime's block manager puts them for this batch.
+            tables = runtime_block_tables(batch, ctx)
+            k_runtime, v_runtime = _relaid(k_cache, v_cache, block_tables, tables)
+
             def paged():
+                return torch.ops.cinfer.paged_attention(query, k_runtime, v_runtime, tables, seq_lens,
+                                                        query_start_loc, scale)
+
+            sec.measure("cinfer", paged, check=lambda: _error(paged(), expected, TOL_ATTENTION),
+                        note=f"blocks as the runtime allocates them ({DECODE_PROMPT}-token prompts, then decode)")
+            # Informational: every block in a random place, as a long-running cache may have them (1-2.5% slower
+            # than any order that keeps nearby blocks together, RESULTS.md run CJ), and each sequence's blocks
+            # consecutive.
+
+            def paged_random():
                 return torch.ops.cinfer.paged_attention(query, k_cache, v_cache, block_tables, seq_lens,
                                                         query_start_loc, scale)
 
-            sec.measure("cinfer", paged, check=lambda: _error(paged(), expected, TOL_ATTENTION))
-            # The same K/V with each sequence's blocks consecutive in the cache, as a fresh cache hands them out
-            # (the row above has them in a random order, as a long-running cache may): informational.
-            order = block_tables.long().flatten()
-            k_in_order, v_in_order = k_cache[order], v_cache[order]
-            tables_in_order = torch.arange(order.numel(), device=DEVICE, dtype=torch.int32).view_as(block_tables)
+            sec.measure("cinfer, blocks in random order", paged_random,
+                        check=lambda: _error(paged_random(), expected, TOL_ATTENTION), note="a random permutation")
+            in_order = torch.arange(block_tables.numel(), device=DEVICE, dtype=torch.int32).view_as(block_tables)
+            k_in_order, v_in_order = _relaid(k_cache, v_cache, block_tables, in_order)
 
             def paged_in_order():
-                return torch.ops.cinfer.paged_attention(query, k_in_order, v_in_order, tables_in_order, seq_lens,
+                return torch.ops.cinfer.paged_attention(query, k_in_order, v_in_order, in_order, seq_lens,
                                                         query_start_loc, scale)
 
             sec.measure("cinfer, blocks in order", paged_in_order,
@@ -483,7 +525,7 @@ def bench_decode(args, copy_bw: float) -> list[dict]:
                 sec.measure(f"SDPA {name}", fn, check=lambda fn=fn: _error(fn(), expected, TOL_ATTENTION),
                             note="dense contiguous K/V")
             rows += _mark_fastest_alternative(sec.finish())
-            del k_cache, v_cache, k, v, expected, k_in_order, v_in_order
+            del k_cache, v_cache, k, v, expected, k_in_order, v_in_order, k_runtime, v_runtime
         except Exception as e:
             traceback.print_exc()
             rows.append(dict(op="paged_attention decode", shape=f"batch {batch} @ ctx {ctx}", impl="-",

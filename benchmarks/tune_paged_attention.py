@@ -232,7 +232,8 @@ KNOB_GROUPS = {  # stage 2 transplants each group as a unit
 }
 _SHORT = dict(partition_size="part", programs_per_sm="pps", min_partition="minp", max_splits="maxs",
               grid_order="order", merge="merge", direct_single_split="direct", fit_splits="fit",
-              short_partition="short", wave_block_n="wave", resident="res", wave_resident="wres")
+              short_partition="short", wave_block_n="wave", wave_num_warps="wwarps", resident="res",
+              wave_resident="wres")
 
 
 def label(cfg: DecodeConfig) -> str:
@@ -291,7 +292,7 @@ def occupancy_candidates() -> list[DecodeConfig]:
     """More resident programs per SM: tilings whose sm_90 compile (triton 3.6) fits 4-5 programs per SM (bn64 w4
     s2: 96 registers, 38,912 B of shared memory; bn32 w4 s2: 96 and 21,504 B; bn32 w4 s3: 114 registers), against
     the default's 3, at split-sizing targets of 2-5 programs per SM, and at one split whatever the shape; and the
-    default without its one-wave tiling (DecodeConfig.wave_block_n)."""
+    default without its wave tiling (DecodeConfig.wave_block_n)."""
     base = DECODE_CONFIGS[128]
     out = [base, dataclasses.replace(base, wave_block_n=0), dataclasses.replace(base, programs_per_sm=3)]
     for block_n, stages in ((64, 2), (32, 2), (32, 3)):

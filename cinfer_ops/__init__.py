@@ -15,7 +15,7 @@ from cinfer_ops.silu_mul import silu_mul  # noqa: F401
 
 # The Triton launchers pick their kernel variants (constexprs, num_warps) from the model's shapes, the cache and
 # fixed configs, plus a few thresholds on the step's size: token counts (these), and the decode batch, whose
-# tiling changes in the one-wave band (paged_attention.decode_variant_batches). So steps below and at each
+# tiling changes in the wave band (paged_attention.decode_variant_batches). So steps below and at each
 # threshold, and decode steps at the smallest and largest batch and where the band begins, compile every variant;
 # the runtime's warm-up runs them (cinfer_runtime.model_runner.warm_up_steps).
 VARIANT_TOKEN_THRESHOLDS = (MANY_ROWS, MANY_TOKENS)

@@ -125,13 +125,20 @@ class DecodeConfig:
     - ``direct_single_split``: with the "head"/"group" merges, a token whose context fits one split writes its
       output directly and the merge skips it ("fused" always does).
 
-    One-wave tiling (``wave_block_n``, 0 = off): a step of more (token, kv_head) pairs than this tiling keeps
-    resident (``resident`` programs per SM) but at most ``wave_resident`` per SM runs one split per pair with
-    ``wave_block_n`` keys per step, a tiling that keeps that many resident: every program starts at once. With the
-    default tiling such a step runs about 1.3 waves, or 2 splits and their merges. On sm_90 at head_dim 128,
-    bn128 w4 s2 keeps 3 programs per SM (158 registers, 72 KiB of shared memory) and bn64 w4 s2 keeps 5 (96, 38
-    KiB), so the band is batch 50-82 for 8 kv heads on 132 SMs. (H200, 2026-11-26, RESULTS.md session 8: batch 64
-    at 4096 keys 0.991x SDPA against 0.958x, at 300 keys over an 8192-key table 1.07x against 0.91x.)
+    Wave tiling (``wave_block_n``, 0 = off): a step of more (token, kv_head) pairs than this tiling keeps resident
+    (``resident`` programs per SM), and at most ``wave_resident`` per SM (0: no bound), runs one split per pair with
+    ``wave_block_n`` keys per step and ``wave_num_warps`` warps (0: ``num_warps``), a tiling that keeps more
+    programs resident. With the default tiling such a step runs 1.3 waves or more, or 2 splits and their merges.
+    On sm_90 at head_dim 128, bn128 w4 s2 keeps 3 programs per SM (128 registers, 72 KiB of shared memory; 158
+    registers in the split variant) and the wave tiling bn32 w2 s2 keeps 8 (120 registers, 21 KiB), so batch 50 and
+    up for 8 kv heads on 132 SMs take bn32 w2: more, smaller programs per SM keep more K/V streams in flight. In a
+    step of fewer programs the longer chain of small tiles costs more than it saves, so the band starts where
+    bn128 no longer fits every program at once.
+    (H100, 2026-11-27, RESULTS.md runs CK-CO, blocks as the runtime's block manager lays them out, x SDPA: batch 64
+    at 4096 keys 0.994x against 0.981x for the band's tiling before, bn64 w4 up to batch 82; batch 64 at 384 keys
+    over an 8192-key table 1.010x against 0.987x; batch 256 at 512 keys 0.998x against 0.993x; Llama-3-8B
+    generation at batch 128 2.8% more tokens/s. With every block in a random place the change is mixed, -1.1% to
+    +2.4%. At batch 32 and 384 keys, outside the band, bn32 w2 was 12% slower than bn128 w4.)
     """
     block_n: int
     num_warps: int
@@ -148,6 +155,7 @@ class DecodeConfig:
     fit_splits: bool = True
     resident: int = 3
     wave_block_n: int = 0
+    wave_num_warps: int = 0
     wave_resident: int = 5
 
     def __post_init__(self):
@@ -157,7 +165,11 @@ class DecodeConfig:
             raise ValueError(f"wave_block_n must be 0 or a power of two >= 16, got {self.wave_block_n}")
         if self.partition_size is not None and self.partition_size < 1:
             raise ValueError(f"partition_size must be positive or None, got {self.partition_size}")
-        for name in ("programs_per_sm", "min_partition", "short_partition", "max_splits", "resident", "wave_resident"):
+        if self.wave_num_warps < 0 or self.wave_num_warps & (self.wave_num_warps - 1):
+            raise ValueError(f"wave_num_warps must be 0 or a power of two, got {self.wave_num_warps}")
+        if self.wave_resident < 0:
+            raise ValueError(f"wave_resident must be >= 0, got {self.wave_resident}")
+        for name in ("programs_per_sm", "min_partition", "short_partition", "max_splits", "resident"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name, allowed in (("kv_gather", KV_GATHERS), ("grid_order", GRID_ORDERS), ("merge", MERGES)):
@@ -178,12 +190,14 @@ class PrefillConfig:
 # benchmarks/tune_paged_attention.py on the target GPU (--decode-sweep: the split-KV kernel's knobs and variants).
 # Head_dim 128: decode from the H100 --decode-sweep of 2026-11-26 (the best single config over the three issue
 # shapes: 0.97x SDPA enable_gqa, 90-95% of copy bandwidth, against 0.95-0.97x for the earlier default; the fused
-# merge also saves small decode batches the merge kernel's launch; split sizing: DecodeConfig, from runs AY-BF);
+# merge also saves small decode batches the merge kernel's launch; split sizing: DecodeConfig, from runs AY-BF; the
+# wave tiling for large steps, bn32 w2: runs CK-CO of 2026-11-27);
 # prefill picked on an H200 (triton 3.6), 8x2048 causal at 316 TFLOP/s. The 64 and 256 rows are scaled from it,
 # untuned.
 DECODE_CONFIGS = {
     64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
-    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused", wave_block_n=64),
+    128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused", wave_block_n=32,
+                      wave_num_warps=2, wave_resident=0),
     # Untuned: the split sizing closest to the one it had before run AZ (16 programs per SM, 512 keys at least).
     256: DecodeConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=16, short_partition=512),
 }
@@ -204,7 +218,7 @@ _INT32_OFFSET_LIMIT = 2**31
 # Kernel variants: every constexpr and launch option below comes from the model's shapes, the cache and the config;
 # the step's size enters only as the decode kernel's SPLIT (several splits or one) under the "head" and "group"
 # merges, where it follows the batch (see DecodeConfig's split sizing; the fused merge, the default, fixes it
-# from the table width), and as the one-wave tiling of the batches in its band (decode_variant_batches names
+# from the table width), and as the wave tiling of the batches in its band (decode_variant_batches names
 # them). Integer arguments that follow the step's size (batch, token and split counts) are marked
 # do_not_specialize: Triton would otherwise compile a variant for the value 1 and one for multiples of 16. They
 # only bound loops and masks and scale partial-buffer rows, where those hints buy nothing.
@@ -647,7 +661,7 @@ def default_decode_config(d_pad: int, dtype: torch.dtype) -> DecodeConfig:
     16-bit K/V. fp32 dots run as exact FMAs (``DOT_PRECISION`` "ieee"), and at those tiles the sm_90 kernel spills
     (triton 3.6: 7.8 KB of stack a thread at head_dim 128 with bn128, 255 registers and 0.5 KB with bn64). So fp32
     takes tiles of ``_FP32_DECODE_TILE`` elements, which compile without spills (head_dim 64: bn32, 99 registers;
-    128 and 256: bn16, 90 and 120), and no one-wave tiling (its resident counts are the 16-bit kernel's)."""
+    128 and 256: bn16, 90 and 120), and no wave tiling (its resident counts are the 16-bit kernel's)."""
     cfg = _pick(DECODE_CONFIGS, d_pad)
     if dtype != torch.float32:
         return cfg
@@ -666,14 +680,14 @@ def _least_partition(pairs: int, cfg: DecodeConfig, num_sms: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _wave_config(cfg: DecodeConfig, max_context: int) -> DecodeConfig:
-    """cfg's one-wave tiling at one split over a table of max_context keys (made once, not at every launch)."""
-    return dataclasses.replace(cfg, block_n=cfg.wave_block_n,
+    """cfg's wave tiling at one split over a table of max_context keys (made once, not at every launch)."""
+    return dataclasses.replace(cfg, block_n=cfg.wave_block_n, num_warps=cfg.wave_num_warps or cfg.num_warps,
                                partition_size=triton.cdiv(max_context, cfg.wave_block_n) * cfg.wave_block_n)
 
 
 def _step_config(pairs: int, max_context: int, cfg: DecodeConfig, num_sms: int) -> DecodeConfig:
-    """cfg, or for a step in its one-wave band (see DecodeConfig) the wave tiling at one split."""
-    in_band = cfg.resident * num_sms < pairs <= cfg.wave_resident * num_sms
+    """cfg, or for a step in its wave band (see DecodeConfig) the wave tiling at one split."""
+    in_band = cfg.resident * num_sms < pairs and (not cfg.wave_resident or pairs <= cfg.wave_resident * num_sms)
     if cfg.wave_block_n and cfg.partition_size is None and in_band:
         return _wave_config(cfg, max_context)
     return cfg
@@ -683,16 +697,17 @@ def decode_variant_batches(max_batch: int, num_kv_heads: int, head_dim: int, dev
                            decode_config: DecodeConfig | None = None,
                            dtype: torch.dtype = torch.bfloat16) -> list[int]:
     """The smallest decode batch (<= max_batch) of each tiling the decode kernel takes with this config (default:
-    ``default_decode_config`` for head_dim and the cache dtype): [1], or [1, b] where the one-wave band begins at b.
+    ``default_decode_config`` for head_dim and the cache dtype): [1], or [1, b] where the wave band begins at b
+    (a bounded band hands larger steps back to batch 1's tiling).
     A warm-up that runs a decode step of each (and of max_batch) compiles every decode variant a serving step can
     reach."""
     cfg = decode_config or default_decode_config(max(triton.next_power_of_2(head_dim), 16), dtype)
     sms = _num_sms(device)
     batches, seen = [], set()
     for batch in range(1, max_batch + 1):
-        block_n = _step_config(batch * num_kv_heads, 1 << 20, cfg, sms).block_n
-        if block_n not in seen:
-            seen.add(block_n)
+        step = _step_config(batch * num_kv_heads, 1 << 20, cfg, sms)
+        if (step.block_n, step.num_warps) not in seen:
+            seen.add((step.block_n, step.num_warps))
             batches.append(batch)
     return batches
 

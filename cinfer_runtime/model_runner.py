@@ -120,7 +120,7 @@ def warm_up_steps(max_batch: int, max_num_tokens: int, max_model_len: int, all_v
     which change only at thresholds on the step's size (``cinfer_ops.VARIANT_TOKEN_THRESHOLDS`` tokens): a decode
     step of ``max_batch`` sequences and a prefill step at each token threshold, or as large as a step gets
     (``max_num_tokens``, ``max_model_len`` a sequence). The decode attention kernel's tiling follows the batch
-    only at its one-wave band: ``decode_batches`` (``cinfer_ops.paged_attention.decode_variant_batches``) adds a
+    only at its wave band: ``decode_batches`` (``cinfer_ops.paged_attention.decode_variant_batches``) adds a
     decode step of each batch it names, up to ``max_batch``."""
     steps = [[3, 2], [1, 1]]
     if all_variants:

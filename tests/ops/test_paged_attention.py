@@ -183,8 +183,9 @@ def decode_config(draw):
         grid_order=draw(st.sampled_from(paged_attention_module.GRID_ORDERS)),
         merge=draw(st.sampled_from(paged_attention_module.MERGES)),
         direct_single_split=draw(st.booleans()), fit_splits=draw(st.booleans()),
-        # the one-wave tiling: on the interpreter's 8 "SMs" a band of (8, 40] or (24, 40] pairs
-        wave_block_n=draw(st.sampled_from([0, 16, 32])), resident=draw(st.sampled_from([1, 3])), wave_resident=5,
+        # the wave tiling: on the interpreter's 8 "SMs" a band of (8, 40] or (24, 40] pairs, or unbounded above
+        wave_block_n=draw(st.sampled_from([0, 16, 32])), resident=draw(st.sampled_from([1, 3])),
+        wave_resident=draw(st.sampled_from([0, 5])), wave_num_warps=draw(st.sampled_from([0, 2])),
     )
 
 
@@ -300,22 +301,32 @@ def test_decode_partition_sizing():
     assert partition(1, 100, DecodeConfig(32, 4, 2, partition_size=40), 132) == 64  # rounded up to block_n
 
 
-def test_one_wave_tiling_band(monkeypatch):
-    # The default head_dim-128 config on 132 SMs with 8 kv heads: more pairs than bn128 keeps resident (3 per SM,
-    # 396) but at most bn64's (5 per SM, 660) run bn64 at one split the table wide; other steps keep cfg.
+def test_wave_tiling_band(monkeypatch):
+    # The default head_dim-128 config on 132 SMs with 8 kv heads: a step of more pairs than bn128 keeps resident (3
+    # per SM, 396) runs bn32 with 2 warps at one split the table wide; smaller steps keep cfg. A bounded band
+    # (wave_resident) hands larger steps back to cfg.
     monkeypatch.setattr(paged_attention_module, "_num_sms", lambda device: 132)
     cfg = paged_attention_module.DECODE_CONFIGS[128]
     step = paged_attention_module._step_config
-    for batch, wave in [(1, False), (49, False), (50, True), (64, True), (82, True), (83, False), (256, False)]:
+    for batch, wave in [(1, False), (49, False), (50, True), (64, True), (83, True), (256, True), (4096, True)]:
         got = step(batch * 8, 4096, cfg, 132)
-        assert (got.block_n, got.partition_size) == ((64, 4096) if wave else (128, None)), batch
+        assert (got.block_n, got.num_warps, got.partition_size) == ((32, 2, 4096) if wave else (128, 4, None)), batch
+        assert (got.num_stages, got.grid_order, got.merge) == (cfg.num_stages, cfg.grid_order, cfg.merge)
     assert step(64 * 8, 1000, cfg, 132).partition_size == 1024  # whole tiles
     assert step(64 * 8, 4096, dataclasses.replace(cfg, wave_block_n=0), 132).block_n == 128
     assert step(64 * 8, 4096, dataclasses.replace(cfg, partition_size=512), 132).block_n == 128  # fixed splits
+    bounded = dataclasses.replace(cfg, wave_resident=5)  # a band of (396, 660] pairs: batch 50-82
+    assert [step(b * 8, 4096, bounded, 132).block_n for b in (49, 50, 82, 83)] == [128, 32, 32, 128]
+    same_warps = dataclasses.replace(cfg, wave_num_warps=0)
+    assert step(64 * 8, 4096, same_warps, 132).num_warps == cfg.num_warps
     variant_batches = paged_attention_module.decode_variant_batches
-    assert variant_batches(256, 8, 128, torch.device("cpu")) == [1, 50]  # 83 on is bn128 again
+    assert variant_batches(256, 8, 128, torch.device("cpu")) == [1, 50]
     assert variant_batches(64, 8, 128, torch.device("cpu")) == [1, 50]
     assert variant_batches(40, 8, 128, torch.device("cpu")) == [1]
+    assert variant_batches(256, 8, 128, torch.device("cpu"), decode_config=bounded) == [1, 50]  # 83 on: batch 1's
+    # a band whose tiling differs from cfg's in its warps only is a variant of its own too
+    warps_only = dataclasses.replace(cfg, wave_block_n=cfg.block_n)
+    assert variant_batches(256, 8, 128, torch.device("cpu"), decode_config=warps_only) == [1, 50]
     assert variant_batches(256, 8, 256, torch.device("cpu")) == [1]  # the head_dim-256 row has no wave tiling
     assert variant_batches(256, 8, 128, torch.device("cpu"), dtype=torch.float32) == [1]  # nor has fp32
 
@@ -323,7 +334,7 @@ def test_one_wave_tiling_band(monkeypatch):
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_fp32_decode_tiles_are_smaller(head_dim):
     # 16-bit K/V take DECODE_CONFIGS' row; fp32 (exact FMA dots, which spill at those tiles on sm_90) takes tiles of
-    # at most _FP32_DECODE_TILE elements, whole keys of 16 at least, without the one-wave tiling.
+    # at most _FP32_DECODE_TILE elements, whole keys of 16 at least, without the wave tiling.
     row = paged_attention_module._pick(paged_attention_module.DECODE_CONFIGS, head_dim)
     default = paged_attention_module.default_decode_config
     assert default(head_dim, torch.bfloat16) is row and default(head_dim, torch.float16) is row
@@ -344,7 +355,8 @@ def test_decode_variant_batches_name_every_tiling(max_batch, kv_heads, head_dim,
         cfg = paged_attention_module._pick(paged_attention_module.DECODE_CONFIGS, head_dim)
 
         def tiling(batch):
-            return paged_attention_module._step_config(batch * kv_heads, width, cfg, num_sms).block_n
+            step = paged_attention_module._step_config(batch * kv_heads, width, cfg, num_sms)
+            return step.block_n, step.num_warps
 
         assert named[0] == 1 and named == sorted(named) and named[-1] <= max_batch
         assert len({tiling(b) for b in named}) == len(named)
@@ -373,7 +385,7 @@ def test_decode_partition_sizing_invariants(pairs, width, block_n, programs_per_
 @pytest.mark.parametrize("field,value", [("block_n", 24), ("block_n", 8), ("partition_size", 0), ("programs_per_sm", 0),
                                          ("min_partition", 0), ("max_splits", 0), ("kv_gather", "row"),
                                          ("grid_order", "batch"), ("merge", "tree"), ("wave_block_n", 24),
-                                         ("resident", 0)])
+                                         ("resident", 0), ("wave_resident", -1), ("wave_num_warps", 3)])
 def test_decode_config_rejects_bad_values(field, value):
     kwargs = dict(block_n=32, num_warps=4, num_stages=2) | {field: value}
     with pytest.raises(ValueError, match=field):
@@ -478,6 +490,23 @@ def test_op_cuda_default_tiles(case):
     # The tuned default tile sizes, at sizes the interpreter would be too slow for.
     args = build(case, "cuda")
     check(case, torch.ops.cinfer.paged_attention(*args), args)
+
+
+@pytest.mark.gpu
+@settings(max_examples=25)
+@given(case=decode_case(max_batch=8, head_dims=(64, 80, 128, 256), block_sizes=GPU_BLOCK_SIZES, max_blocks=40))
+def test_op_cuda_wave_tiling(case):
+    # The default config's wave tiling (bn32 with 2 warps at head_dim 128 in 16 bits) natively, at small sizes: on
+    # one "SM" every step of more (token, kv head) pairs than bn128 keeps resident (3) takes it.
+    args = build(case, "cuda")
+    d_pad = max(1 << (case.head_dim - 1).bit_length(), 16)
+    cfg = paged_attention_module.default_decode_config(d_pad, case.dtype)
+    pairs = args[3].shape[0] * case.num_kv_heads  # sequences (block-table rows) x kv heads
+    wave = paged_attention_module._step_config(pairs, args[3].shape[1] * case.block_size, cfg, 1)
+    with unittest.mock.patch.object(paged_attention_module, "_num_sms", lambda device: 1):
+        check(case, torch.ops.cinfer.paged_attention(*args), args, f"{wave}")
+    if d_pad == 128 and case.dtype != torch.float32 and pairs > cfg.resident:
+        assert (wave.block_n, wave.num_warps) == (32, 2)
 
 
 @pytest.mark.gpu
