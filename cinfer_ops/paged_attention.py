@@ -137,7 +137,7 @@ class DecodeConfig:
     (H100, 2026-11-27, RESULTS.md runs CK-CO, blocks as the runtime's block manager lays them out, x SDPA: batch 64
     at 4096 keys 0.994x against 0.981x for the band's tiling before, bn64 w4 up to batch 82; batch 64 at 384 keys
     over an 8192-key table 1.010x against 0.987x; batch 256 at 512 keys 0.998x against 0.993x; Llama-3-8B
-    generation at batch 128 2.8% more tokens/s. With every block in a random place the change is mixed, -1.1% to
+    generation at batch 128 2.8% more tokens/s. With every block in a random place the change is mixed, -1.3% to
     +2.4%. At batch 32 and 384 keys, outside the band, bn32 w2 was 12% slower than bn128 w4.)
     """
     block_n: int
