@@ -6,6 +6,7 @@ in addition, the slot each token writes: the kernel must score the new key and v
 slot its own store may not have reached. Tokens with slot -1 write nothing and attend over the cache as it is.
 """
 import math
+import unittest.mock
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ import cinfer_ops  # noqa: F401  (registers torch.ops.cinfer.*)
 from cinfer_ops.paged_attention import DecodeConfig
 from cinfer_ops.rope_paged_attention import rope_paged_attention_triton
 from tests.conftest import TRITON_DEVICE
-from tests.ops.test_paged_attention import (DTYPES, HEADS, SMALL_PREFILL, Case, build, context_length,
-                                            decode_config, reference_attention)
+from tests.ops.test_paged_attention import (DTYPES, GPU_BLOCK_SIZES, HEADS, SMALL_PREFILL, Case, build,
+                                            context_length, decode_config, paged_attention_module,
+                                            reference_attention)
 from tests.ops.test_rope_kv_cache_write import make_cos_sin, make_qkv, rope_f64
 from tests.tolerances import ATTENTION, ELEMENTWISE, assert_close
 
@@ -123,6 +125,19 @@ def test_decode_kernel_matches_float64(step, cfg, qkv_layout, cos_layout, cos_ha
     assert args[0].shape[0] == args[8].shape[0]  # num_tokens == batch: the fused decode kernel
     out = rope_paged_attention_triton(*args, decode_config=cfg)
     check(args, original, out, f"{case} {cfg} {qkv_layout} {cos_layout} no_write={no_write}")
+
+
+@pytest.mark.gpu
+@settings(max_examples=25)
+@given(step=decode_step(max_batch=8, head_dims=(64, 80, 128, 256), block_sizes=GPU_BLOCK_SIZES, max_blocks=40),
+       sms=st.sampled_from([1, 132]))
+def test_decode_default_tiles_cuda(step, sms):
+    """The op's default decode tiling natively; on one "SM", more (token, kv head) pairs than bn128 keeps resident
+    take the wave tiling (bn32 with 2 warps at head_dim 128 in 16 bits)."""
+    case, no_write = step
+    args, original = make_inputs(case, "cuda", no_write=no_write, seed=case.seed)
+    with unittest.mock.patch.object(paged_attention_module, "_num_sms", lambda device: sms):
+        check(args, original, OP(*args), f"{case} sms={sms} no_write={no_write}")
 
 
 @pytest.mark.parametrize("merge", ["head", "group", "fused"])
