@@ -10,11 +10,11 @@ and rope at 8192 tokens are timed in steady state: every implementation runs bac
 buffers (about 1 GiB in all, as the 2 GiB copy does), with no L2 flush between calls; cinfer's row "one call after
 an L2 flush" is the single-call timing of runs before session 8. Attention moves hundreds of MB a call and keeps
 the single-call timing. Decode's cinfer row lays each sequence's blocks out where the runtime's block manager puts
-them (``runtime_block_tables``); rows with the blocks in a random order and consecutive are informational. Prefill
-attention reports
-TFLOP/s (causal FLOPs 4 * seq^2 / 2 * heads * head_dim per sequence, the same count for every implementation).
-Every implementation's output is checked against a reference once before it is timed; a wrong result is marked
-WRONG and never counts as meeting its target. A failing section prints its error and the others still run.
+them (``common.runtime_block_tables``); rows with the blocks in a random order and consecutive are informational.
+Prefill attention reports TFLOP/s (causal FLOPs 4 * seq^2 / 2 * heads * head_dim per sequence, the same count for
+every implementation). Every implementation's output is checked against a reference once before it is timed; a
+wrong result is marked WRONG and never counts as meeting its target. A failing section prints its error and the
+others still run.
 
 Sections and targets (percent of copy bandwidth, or ratio to the alternative):
   rms_norm, fused_add_rms_norm  [8192, 4096] bf16                              >= 85%  vs eager / torch.compile
@@ -39,7 +39,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.common import (bench_chain_ms, bench_ms, chain_length, copy_bandwidth_gbps, device_info,  # noqa: E402
-                               print_table, write_json)
+                               print_table, runtime_block_tables, write_json)
 from tests.tolerances import ATTENTION, ELEMENTWISE  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -426,26 +426,6 @@ def _paged_kv(batch: int, ctx: int):
     return k_cache, v_cache, block_tables, dense(k_cache), dense(v_cache)
 
 
-DECODE_PROMPT = 128  # bench_generate's prompt length
-
-
-def runtime_block_tables(batch: int, ctx: int, prompt: int = DECODE_PROMPT) -> torch.Tensor:
-    """The block tables the runtime's block manager (cinfer_runtime.block_manager, a fresh cache of exactly the
-    blocks needed) gives `batch` sequences admitted together with `prompt`-token prompts and then decoded together
-    to `ctx` tokens: each prompt's blocks consecutive, then the sequences' decode blocks interleaved, one per
-    sequence every block_size steps."""
-    from cinfer_runtime.block_manager import BlockManager
-
-    blocks_per_seq = ctx // BLOCK_SIZE
-    manager = BlockManager(batch * blocks_per_seq, BLOCK_SIZE)
-    for seq in range(batch):
-        manager.grow(seq, min(prompt, ctx))
-    for tokens in range(min(prompt, ctx) + 1, ctx + 1, BLOCK_SIZE):  # each step that starts a block
-        for seq in range(batch):
-            manager.grow(seq, tokens)
-    return torch.tensor([manager.block_tables[seq] for seq in range(batch)], dtype=torch.int32, device=DEVICE)
-
-
 def _relaid(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, new_tables: torch.Tensor):
     """The same K/V (block j of sequence s) moved to the blocks of new_tables."""
     old, new = block_tables.long().flatten(), new_tables.long().flatten()
@@ -492,7 +472,7 @@ def bench_decode(args, copy_bw: float) -> list[dict]:
             ).reshape(batch, NUM_HEADS, HEAD_DIM)
 
             # The primary row: each sequence's blocks where the runtime's block manager puts them for this batch.
-            tables = runtime_block_tables(batch, ctx)
+            tables = runtime_block_tables(batch, ctx, BLOCK_SIZE, device=DEVICE)
             k_runtime, v_runtime = _relaid(k_cache, v_cache, block_tables, tables)
 
             def paged():
@@ -500,7 +480,7 @@ def bench_decode(args, copy_bw: float) -> list[dict]:
                                                         query_start_loc, scale)
 
             sec.measure("cinfer", paged, check=lambda: _error(paged(), expected, TOL_ATTENTION),
-                        note=f"blocks as the runtime allocates them ({DECODE_PROMPT}-token prompts, then decode)")
+                        note="blocks as the runtime allocates them (128-token prompts, then decode)")
             # Informational: every block in a random place, as a long-running cache may have them (1-2.5% slower
             # than any order that keeps nearby blocks together, RESULTS.md run CJ), and each sequence's blocks
             # consecutive.

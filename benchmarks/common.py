@@ -134,6 +134,24 @@ def compile_counts() -> dict:
                 inductor_compiles=inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_hit"])
 
 
+def runtime_block_tables(batch: int, ctx: int, block_size: int, prompt: int = 128, device="cpu") -> torch.Tensor:
+    """int32 [batch, ctx / block_size]: the block tables the runtime's block manager (cinfer_runtime.block_manager,
+    a fresh cache of exactly the blocks needed) gives ``batch`` sequences admitted together with ``prompt``-token
+    prompts (bench_generate's) and then decoded together to ``ctx`` tokens: each prompt's blocks consecutive, then
+    the sequences' decode blocks interleaved, one per sequence every block_size steps."""
+    from cinfer_runtime.block_manager import BlockManager
+
+    blocks_per_seq = -(-ctx // block_size)
+    manager = BlockManager(batch * blocks_per_seq, block_size)
+    first = min(prompt, ctx)
+    for seq in range(batch):
+        manager.grow(seq, first)
+    for tokens in range(first + 1, ctx + 1, block_size):  # each step that starts a block
+        for seq in range(batch):
+            manager.grow(seq, tokens)
+    return torch.tensor([manager.block_tables[seq] for seq in range(batch)], dtype=torch.int32, device=device)
+
+
 def write_json(path: str, obj: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

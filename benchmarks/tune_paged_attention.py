@@ -26,7 +26,14 @@ Prints per-shape tables and a summary (ms, % of copy bandwidth over the K/V byte
 shape and the best single config over all three), and the registers, shared memory and resident programs per SM of
 each decode kernel variant it compiled; writes ``tune_decode_sweep.json`` into ``--out`` after each stage.
 ``--candidates splits`` times the default tiling at fixed partition sizes instead (how many programs a step wants);
-``--candidates occupancy`` times tilings that fit more programs per SM than the default, at several split targets.
+``--candidates occupancy`` times tilings that fit more programs per SM than the default, at several split targets;
+``--candidates wave`` times the wave tilings (large steps) of the shapes' head_dim row, e.g. for head_dim 64:
+
+    PYTHONPATH=. python benchmarks/tune_paged_attention.py --decode-sweep --candidates wave \
+        --shapes b64x384w8192d64,b128x512w8192d64,b256x512d64,b64x4096d64 --out results/tune
+
+The caches hold each sequence's blocks where the runtime's block manager puts them (``--layout runtime``, as
+bench_ops' decode row) or in a random permutation (``--layout random``, every sweep before RESULTS.md run CQ).
 """
 import argparse
 import dataclasses
@@ -47,9 +54,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before cinfer_ops is imported: the kernels run in the interpreter
 
-from benchmarks.common import bench_ms, copy_bandwidth_gbps, device_info, print_table, write_json  # noqa: E402
+from benchmarks.common import (bench_ms, copy_bandwidth_gbps, device_info, print_table,  # noqa: E402
+                               runtime_block_tables, write_json)
 from cinfer_ops.paged_attention import (DECODE_CONFIGS, DecodeConfig, PrefillConfig,  # noqa: E402
-                                        paged_attention_triton)
+                                        default_decode_config, paged_attention_triton)
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DECODE_CASES = [(64, 4096), (8, 32768), (256, 512)]
@@ -302,16 +310,38 @@ def occupancy_candidates() -> list[DecodeConfig]:
     return list(dict.fromkeys(out))
 
 
-def decode_inputs(shape: DecodeShape, dtype: torch.dtype, device: str, seed: int = 0, num_blocks: int | None = None):
+def wave_candidates(base: DecodeConfig) -> list[DecodeConfig]:
+    """The wave tiling of one head_dim row (DecodeConfig: steps of more (token, kv head) pairs than the row's
+    tiling keeps resident run another tiling at one split): the row as it is, without its wave tiling, and with
+    other wave tilings (keys per step, warps), unbounded above. Stages and the band's start (``resident``) are the
+    row's; its kernel_resources line tells the programs per SM a tiling really keeps."""
+    out = [base, dataclasses.replace(base, wave_block_n=0)]
+    for block_n, warps in ((64, 4), (64, 2), (32, 2), (32, 4), (16, 1), (32, 1)):
+        out.append(dataclasses.replace(base, wave_block_n=block_n, wave_num_warps=warps, wave_resident=0))
+    return list(dict.fromkeys(out))
+
+
+LAYOUTS = ("runtime", "random")
+
+
+def decode_inputs(shape: DecodeShape, dtype: torch.dtype, device: str, seed: int = 0, num_blocks: int | None = None,
+                  layout: str = "random"):
     """paged_attention arguments for one decode step. num_blocks=None: the caches hold exactly the needed blocks,
-    in a random physical order; an int: a cache of that many blocks that every table entry points into (same
-    shapes, strides and kernel specialisations, for compiling)."""
+    laid out as ``layout`` says: "runtime", where the runtime's block manager puts them for a batch admitted and
+    decoded together (common.runtime_block_tables, bench_ops' primary decode row), or "random", a random
+    permutation (1-2.5% slower on an H100, RESULTS.md run CJ). An int: a cache of that many blocks that every table
+    entry points into (same shapes, strides and kernel specialisations, for compiling)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     gen = torch.Generator(device=device).manual_seed(seed)
     blocks_per_seq = math.ceil(shape.ctx / shape.block_size)
     if num_blocks is None:
         num_blocks = shape.batch * blocks_per_seq
-        physical = torch.randperm(num_blocks, device=device, generator=gen)
-        block_tables = physical.view(shape.batch, blocks_per_seq).to(torch.int32)
+        if layout == "runtime":
+            block_tables = runtime_block_tables(shape.batch, shape.ctx, shape.block_size, device=device)
+        else:
+            physical = torch.randperm(num_blocks, device=device, generator=gen)
+            block_tables = physical.view(shape.batch, blocks_per_seq).to(torch.int32)
     else:
         block_tables = torch.randint(num_blocks, (shape.batch, blocks_per_seq), device=device, generator=gen,
                                      dtype=torch.int32)
@@ -385,11 +415,11 @@ def collect(futures, configs) -> dict:
 class ShapeBench:
     """Inputs, fp32 reference and SDPA baseline of one shape; times candidates against them."""
 
-    def __init__(self, shape: DecodeShape, dtype: torch.dtype):
+    def __init__(self, shape: DecodeShape, dtype: torch.dtype, layout: str = "random"):
         self.shape = shape
         self.copy_gbps = None  # set before timing
         self.kv_bytes = shape.kv_bytes(dtype)
-        self.args = decode_inputs(shape, dtype, DEVICE)
+        self.args = decode_inputs(shape, dtype, DEVICE, layout=layout)
         k, v = dense_kv(self.args)
         batch, heads, head_dim = shape.batch, shape.num_heads, shape.head_dim
         q = self.args[0].view(batch, heads, 1, head_dim)
@@ -555,17 +585,24 @@ def decode_sweep(opts):
         shapes = []
         for item in opts.shapes.lower().split(","):
             batch, rest = item.lstrip("b").split("x")
+            rest, _, head_dim = rest.partition("d")
             ctx, _, width = rest.partition("w")
-            shapes.append(DecodeShape(int(batch), int(ctx), width=int(width or 0)))
+            shapes.append(DecodeShape(int(batch), int(ctx), head_dim=int(head_dim or HEAD_DIM), width=int(width or 0)))
     jobs = opts.jobs if opts.jobs is not None else (min(8, max(1, (os.cpu_count() or 2) - 2)) if DEVICE == "cuda" else 0)
-    candidates = dict(all=decode_sweep_candidates, splits=split_candidates,
-                      occupancy=occupancy_candidates)[opts.candidates]()
+    d_pads = {max(1 << (s.head_dim - 1).bit_length(), 16) for s in shapes}
+    if opts.candidates == "wave":
+        if len(d_pads) > 1:
+            raise SystemExit("--candidates wave tunes one head_dim row: give shapes of one head_dim")
+        candidates = wave_candidates(default_decode_config(d_pads.pop(), dtype))
+    else:
+        candidates = dict(all=decode_sweep_candidates, splits=split_candidates,
+                          occupancy=occupancy_candidates)[opts.candidates]()
     if opts.limit:
         candidates = candidates[:opts.limit]
     if opts.smoke:  # partitions scaled to the tiny contexts, so that splits and their merges run too
         candidates = list(dict.fromkeys(dataclasses.replace(c, min_partition=min(c.min_partition, 32)) for c in candidates))
     info = device_info()
-    result = dict(device=info, dtype=opts.dtype, shapes=[dataclasses.asdict(s) for s in shapes],
+    result = dict(device=info, dtype=opts.dtype, layout=opts.layout, shapes=[dataclasses.asdict(s) for s in shapes],
                   tolerance=SWEEP_TOL, timing=TIMING, final_timing=FINAL_TIMING, rows=[], stage_s={})
     path = os.path.join(opts.out, "tune_decode_sweep.json")
 
@@ -580,7 +617,7 @@ def decode_sweep(opts):
     try:
         t0 = time.perf_counter()
         futures = precompile(pool, candidates, shapes, opts.dtype, jobs)
-        benches = [ShapeBench(shape, dtype) for shape in shapes]  # while the workers compile
+        benches = [ShapeBench(shape, dtype, opts.layout) for shape in shapes]  # while the workers compile
         result["inputs_s"] = time.perf_counter() - t0
         compile_failed = collect(futures, candidates)
         result["stage_s"]["compile 1"] = time.perf_counter() - t0
@@ -713,11 +750,16 @@ def main():
     parser.add_argument("--decode-sweep", action="store_true", help="the split-KV kernel's knobs and variants")
     parser.add_argument("--smoke", action="store_true", help="decode sweep at tiny shapes (runs on CPU)")
     parser.add_argument("--jobs", type=int, help="decode sweep compile workers (default: 8 on a GPU, 0 on CPU)")
-    parser.add_argument("--candidates", choices=["all", "splits", "occupancy"], default="all",
-                        help="decode sweep: the full stage-1 list, the default tiling at fixed split sizes, or "
-                             "tilings with more resident programs per SM")
-    parser.add_argument("--shapes", help="decode sweep: other shapes than the issue's, as BATCHxCONTEXT[wWIDTH],... "
-                                         "(e.g. b4x32768,b8x1000w8192: WIDTH keys of block table)")
+    parser.add_argument("--candidates", choices=["all", "splits", "occupancy", "wave"], default="all",
+                        help="decode sweep: the full stage-1 list, the default tiling at fixed split sizes, "
+                             "tilings with more resident programs per SM, or the wave tiling of the shapes' "
+                             "head_dim row")
+    parser.add_argument("--shapes", help="decode sweep: other shapes than the issue's, as "
+                                         "BATCHxCONTEXT[wWIDTH][dHEAD_DIM],... (e.g. b4x32768,b8x1000w8192,"
+                                         "b64x384w8192d64: WIDTH keys of block table, head_dim HEAD_DIM, not 128)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="runtime",
+                        help="decode sweep: each sequence's blocks where the runtime's block manager puts them "
+                             "(bench_ops' primary row), or in a random permutation (the sweeps before run CQ)")
     parser.add_argument("--limit", type=int, help="decode sweep: only the first N stage-1 candidates")
     parser.add_argument("--budget-s", type=float, default=420,
                         help="decode sweep: skip stage 2 / the final re-timing once this many seconds have passed")

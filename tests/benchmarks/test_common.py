@@ -1,0 +1,28 @@
+"""The benchmarks' block-table layouts: what the decode benchmarks time must be what the runtime's allocator does."""
+import pytest
+import torch
+
+from benchmarks.common import runtime_block_tables
+
+
+def test_runtime_block_tables_prompts_then_interleaved_decode():
+    # A fresh cache hands blocks out in order: each 128-token prompt gets 8 consecutive blocks, then every decode
+    # step that starts a block gives one to each sequence in turn.
+    tables = runtime_block_tables(3, 200, 16)
+    assert tables.dtype == torch.int32 and tables.shape == (3, 13)
+    for seq in range(3):
+        assert tables[seq, :8].tolist() == list(range(8 * seq, 8 * seq + 8))
+        assert tables[seq, 8:].tolist() == [24 + 3 * k + seq for k in range(5)]
+    assert sorted(tables.flatten().tolist()) == list(range(39))  # exactly the blocks needed, each once
+
+
+@pytest.mark.parametrize("batch,ctx,block_size,prompt", [(1, 1, 16, 128), (4, 40, 16, 128), (5, 1000, 32, 100),
+                                                         (2, 4096, 16, 128), (7, 333, 8, 64)])
+def test_runtime_block_tables_cover_each_context(batch, ctx, block_size, prompt):
+    tables = runtime_block_tables(batch, ctx, block_size, prompt=prompt)
+    blocks = -(-ctx // block_size)
+    assert tables.shape == (batch, blocks)
+    assert sorted(tables.flatten().tolist()) == list(range(batch * blocks))
+    first = -(-min(prompt, ctx) // block_size)  # the prompt's blocks, consecutive
+    for row in tables.tolist():
+        assert row[:first] == list(range(row[0], row[0] + first))
