@@ -95,8 +95,9 @@ KERNEL_MODULES = ["cinfer_ops.paged_attention", "cinfer_ops.rms_norm", "cinfer_o
                   "cinfer_runtime.sampler"]
 
 
+@pytest.mark.parametrize("wave", [False, True], ids=["head_dim64", "head_dim128_wave_band"])
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda_graphs", "eager"])
-def test_no_triton_compile_after_start_up(enforce_eager, monkeypatch):
+def test_no_triton_compile_after_start_up(enforce_eager, wave, monkeypatch):
     # Every Triton kernel variant compiles inside compile() (warm-up steps, graph capture), none in generate():
     # Triton's jit_post_compile_hook fires once per new in-memory variant (a compile or a load from its disk
     # cache). The kernels' in-memory caches start empty for this test (monkeypatch restores them, so kernels that
@@ -107,9 +108,16 @@ def test_no_triton_compile_after_start_up(enforce_eager, monkeypatch):
         for kernel in vars(module).values():
             if isinstance(kernel, triton.runtime.jit.JITFunction):
                 monkeypatch.setattr(kernel, "device_caches", defaultdict(kernel.create_binder))
-    model = tiny_llama(dtype=GPU_DTYPE, device="cuda", vocab_size=1024, hidden_size=320, intermediate_size=640,
-                       num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=1,
+    # wave: head_dim 128 with the decode launcher seeing 2 "SMs", so that decode steps of more than 6 (token, kv
+    # head) pairs, batch 7 and up here, take its wave tiling (DecodeConfig), which the warm-up must compile too.
+    paged_attention = importlib.import_module("cinfer_ops.paged_attention")
+    if wave:
+        monkeypatch.setattr(paged_attention, "_num_sms", lambda device: 2)
+    model = tiny_llama(dtype=GPU_DTYPE, device="cuda", vocab_size=1024, hidden_size=640 if wave else 320,
+                       intermediate_size=640, num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=1,
                        max_position_embeddings=2048)
+    assert paged_attention.decode_variant_batches(48, 1, model.config.hidden_size // 5,
+                                                  torch.device("cuda")) == ([1, 7] if wave else [1])
     engine = cinfer_runtime.compile(model, num_kv_blocks=1024, max_num_seqs=48, max_num_batched_tokens=2048,
                                     enforce_eager=enforce_eager)
     calls = [[1500, 3, 700, 17, 1, 90, 33, 250] * 5, [1], [64, 2, 5], [1200, 1200]]
