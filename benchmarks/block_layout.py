@@ -50,8 +50,10 @@ def random_like(tables: list[list[int]], num_blocks: int, rng: random.Random) ->
     return [[next(drawn) for _ in t] for t in tables]
 
 
-def serving_steps(num_requests: int, max_num_seqs: int, prompt_range, output_range, every: int):
-    """Block tables of every ``every``-th decode step of the workload, and the cache's block count."""
+def serving_steps(num_requests: int, max_num_seqs: int, prompt_range, output_range, every: int,
+                  with_contexts: bool = False):
+    """Block tables of every ``every``-th decode step of the workload (with ``with_contexts``: (tables, each
+    request's context length in that step) pairs), the cache's block count and the number of decode steps."""
     prompts, olens = workload(num_requests, 32000, prompt_range, output_range)
     longest = max(len(p) + o for p, o in zip(prompts, olens))
     num_blocks = max_num_seqs * cdiv(longest, BLOCK_SIZE)  # as bench_serving sizes it
@@ -67,7 +69,9 @@ def serving_steps(num_requests: int, max_num_seqs: int, prompt_range, output_ran
         out = scheduler.schedule()
         if out.is_decode:
             if decode_steps % every == 0:
-                steps.append([list(t) for t in out.block_tables])
+                tables = [list(t) for t in out.block_tables]
+                contexts = [seq.num_computed_tokens + n for seq, n in zip(out.seqs, out.num_new_tokens)]
+                steps.append((tables, contexts) if with_contexts else tables)
             decode_steps += 1
         scheduler.update(out, [1] * sum(out.samples))
     return steps, num_blocks, decode_steps

@@ -28,3 +28,11 @@ def test_serving_steps_runs_the_workload_to_the_end():
         assert 1 <= len(tables) <= 8
         flat = [b for t in tables for b in t]
         assert len(set(flat)) == len(flat) and all(0 <= b < num_blocks for b in flat)  # no block held twice
+
+
+def test_serving_steps_contexts_fit_their_tables():
+    steps, _, _ = serving_steps(24, 8, (20, 60), (5, 30), every=2, with_contexts=True)
+    for tables, contexts in steps:
+        assert len(tables) == len(contexts)
+        for table, ctx in zip(tables, contexts):
+            assert 1 <= ctx <= len(table) * 16 and len(table) == -(-ctx // 16)  # the table covers the context
