@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_session.sh serving   # warm-cache start-up (run after bench on the same machine), bench_serving
 #   bash benchmarks/gpu_session.sh linear    # the streaming-linear sweep against cuBLAS (tune_linear.py) and start-up
 #                                            # profiles of a cold and a warm process
+#   bash benchmarks/gpu_session.sh decode    # decode over a serving run's block layouts, and the wave tilings of the
+#                                            # head_dim-64 row (Llama-3.2-1B) over the runtime's layout
 # Run from the repository root on the GPU machine (torch/triton/transformers preinstalled; nothing to install).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -38,7 +40,11 @@ case "${1:-}" in
         stage tune_linear 270 python benchmarks/tune_linear.py --out "$OUT"
         stage startup_cold 150 python -m benchmarks.profile_startup --model llama3-8b --max-num-seqs 64 --out "$OUT/cold"
         stage startup_warm 120 python -m benchmarks.profile_startup --model llama3-8b --max-num-seqs 64 --out "$OUT/warm" ;;
+    decode)
+        stage decode_layouts 200 python -m benchmarks.bench_decode_layouts --out "$OUT"
+        stage wave_d64 330 python benchmarks/tune_paged_attention.py --decode-sweep --candidates wave \
+            --shapes b64x384w8192d64,b128x512w8192d64,b256x512d64,b64x4096d64 --out "$OUT" ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh tests|bench|serving|linear" >&2
+        echo "usage: bash benchmarks/gpu_session.sh tests|bench|serving|linear|decode" >&2
         exit 2 ;;
 esac
