@@ -33,7 +33,7 @@ each decode kernel variant it compiled; writes ``tune_decode_sweep.json`` into `
         --shapes b64x384w8192d64,b128x512w8192d64,b256x512d64,b64x4096d64 --out results/tune
 
 The caches hold each sequence's blocks where the runtime's block manager puts them (``--layout runtime``, as
-bench_ops' decode row) or in a random permutation (``--layout random``, every sweep before RESULTS.md run CQ).
+bench_ops' decode row) or in a random permutation (``--layout random``, as every sweep of sessions 1-10 had them).
 """
 import argparse
 import dataclasses
@@ -313,11 +313,13 @@ def occupancy_candidates() -> list[DecodeConfig]:
 def wave_candidates(base: DecodeConfig) -> list[DecodeConfig]:
     """The wave tiling of one head_dim row (DecodeConfig: steps of more (token, kv head) pairs than the row's
     tiling keeps resident run another tiling at one split): the row as it is, without its wave tiling, and with
-    other wave tilings (keys per step, warps), unbounded above. Stages and the band's start (``resident``) are the
-    row's; its kernel_resources line tells the programs per SM a tiling really keeps."""
+    other wave tilings (keys per step, warps), unbounded above, and bn32 w2 from later band starts. Stages are the
+    row's; the kernel_resources lines tell the programs per SM each tiling really keeps."""
     out = [base, dataclasses.replace(base, wave_block_n=0)]
     for block_n, warps in ((64, 4), (64, 2), (32, 2), (32, 4), (16, 1), (32, 1)):
         out.append(dataclasses.replace(base, wave_block_n=block_n, wave_num_warps=warps, wave_resident=0))
+    # the band starting later: where a smaller head_dim lets the row's own tiling keep more programs resident
+    out += [dataclasses.replace(out[4], resident=resident) for resident in (5, 8)]
     return list(dict.fromkeys(out))
 
 
@@ -602,7 +604,8 @@ def decode_sweep(opts):
     if opts.smoke:  # partitions scaled to the tiny contexts, so that splits and their merges run too
         candidates = list(dict.fromkeys(dataclasses.replace(c, min_partition=min(c.min_partition, 32)) for c in candidates))
     info = device_info()
-    result = dict(device=info, dtype=opts.dtype, layout=opts.layout, shapes=[dataclasses.asdict(s) for s in shapes],
+    result = dict(device=info, dtype=opts.dtype, layout=opts.layout,
+                  shapes=[dataclasses.asdict(s) for s in shapes],
                   tolerance=SWEEP_TOL, timing=TIMING, final_timing=FINAL_TIMING, rows=[], stage_s={})
     path = os.path.join(opts.out, "tune_decode_sweep.json")
 
@@ -759,7 +762,7 @@ def main():
                                          "b64x384w8192d64: WIDTH keys of block table, head_dim HEAD_DIM, not 128)")
     parser.add_argument("--layout", choices=LAYOUTS, default="runtime",
                         help="decode sweep: each sequence's blocks where the runtime's block manager puts them "
-                             "(bench_ops' primary row), or in a random permutation (the sweeps before run CQ)")
+                             "(bench_ops' primary row), or in a random permutation (the sweeps of sessions 1-10)")
     parser.add_argument("--limit", type=int, help="decode sweep: only the first N stage-1 candidates")
     parser.add_argument("--budget-s", type=float, default=420,
                         help="decode sweep: skip stage 2 / the final re-timing once this many seconds have passed")
