@@ -8,12 +8,13 @@ The steps come from ``block_layout.serving_steps``: bench_serving's workload thr
 manager. The script picks the decode steps of at least --min-batch requests at the 10th, 50th and 90th percentile of
 ``block_layout.regions_per_block`` (most local first), and times ``cinfer::paged_attention`` over each step's own
 tables, contexts and cache size in the three layouts (CUDA-graph replays after an L2 flush, interleaved rounds,
-median). Every output is first checked against a float32 reference. The ratio to the consecutive layout is what
+median). Every output is first checked against the op's float32 reference. The ratio to the consecutive layout is what
 the serving layout costs; bench_ops times the same kernel against SDPA.
 """
 import argparse
 import math
 import os
+import random
 import statistics
 import sys
 
@@ -22,7 +23,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before cinfer_ops is imported: the kernels run in the interpreter
 
-from benchmarks.block_layout import regions_per_block, serving_steps  # noqa: E402
+from benchmarks.block_layout import random_like, regions_per_block, serving_steps  # noqa: E402
 from benchmarks.common import bench_ms, copy_bandwidth_gbps, device_info, print_table, write_json  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,34 +41,9 @@ def consecutive_tables(contexts: list[int]) -> list[list[int]]:
     return tables
 
 
-def random_tables(contexts: list[int], num_blocks: int, gen: torch.Generator) -> list[list[int]]:
-    """Distinct blocks drawn at random from a cache of num_blocks."""
-    drawn = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, used = [], 0
-    for ctx in contexts:
-        n = -(-ctx // BLOCK_SIZE)
-        tables.append(drawn[used:used + n])
-        used += n
-    return tables
-
-
 def as_tensor(tables: list[list[int]]) -> torch.Tensor:
     width = max(map(len, tables))
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
-
-
-def reference(query, k_cache, v_cache, tables: list[list[int]], contexts: list[int], scale: float) -> torch.Tensor:
-    """Float32 attention of each sequence's one query token over its gathered context."""
-    heads, kv_heads = query.shape[1], k_cache.shape[2]
-    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-    for b, (table, ctx) in enumerate(zip(tables, contexts)):
-        blocks = torch.tensor(table, device=query.device)
-        k = k_cache[blocks].flatten(0, 1)[:ctx].float().transpose(0, 1)  # [kv_heads, ctx, d]
-        v = v_cache[blocks].flatten(0, 1)[:ctx].float().transpose(0, 1)
-        q = query[b].float().view(kv_heads, heads // kv_heads, -1)
-        p = torch.softmax(q @ k.transpose(1, 2) * scale, dim=-1)
-        out[b] = (p @ v).reshape(heads, -1)
-    return out
 
 
 def pick_steps(steps, min_batch: int) -> list[tuple[str, list[list[int]], list[int]]]:
@@ -87,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-batch", type=int, default=64)
     args = ap.parse_args(argv)
     import cinfer_ops  # noqa: F401  (registers torch.ops.cinfer.*)
+    from cinfer_ops.paged_attention import paged_attention_reference
 
     if args.smoke:
         heads, kv_heads, head_dim = 4, 2, 32
@@ -98,7 +75,8 @@ def main(argv=None) -> int:
                                              with_contexts=True)
         min_batch = args.min_batch
     dtype = torch.bfloat16
-    gen = torch.Generator().manual_seed(0)  # block draws and queries
+    gen = torch.Generator().manual_seed(0)  # queries
+    rng = random.Random(0)  # random layouts
     cache_gen = torch.Generator(device=DEVICE).manual_seed(1)
     shape = (num_blocks, BLOCK_SIZE, kv_heads, head_dim)
     k_cache = torch.randn(shape, generator=cache_gen, device=DEVICE, dtype=dtype)
@@ -112,8 +90,8 @@ def main(argv=None) -> int:
         seq_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
         query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
         kv_bytes = 2 * sum(contexts) * kv_heads * head_dim * 2
-        layouts = {"serving": tables, "consecutive": consecutive_tables(contexts),
-                   "random": random_tables(contexts, num_blocks, gen)}
+        consecutive = consecutive_tables(contexts)
+        layouts = {"serving": tables, "consecutive": consecutive, "random": random_like(consecutive, num_blocks, rng)}
         fns = {}
         for layout, layout_tables in layouts.items():
             block_tables = as_tensor(layout_tables)
@@ -122,8 +100,9 @@ def main(argv=None) -> int:
                 return torch.ops.cinfer.paged_attention(query, k_cache, v_cache, block_tables, seq_lens,
                                                         query_start_loc, scale)
 
-            expected = reference(query, k_cache, v_cache, layout_tables, contexts, scale)
-            err = (fn().float() - expected).abs().max().item()
+            expected = paged_attention_reference(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                                 scale)
+            err = (fn().float() - expected.float()).abs().max().item()
             if not err < 3e-2:
                 raise SystemExit(f"{name} {layout}: max error {err} against the float32 reference")
             fns[layout] = fn

@@ -22,7 +22,7 @@ import argparse
 import random
 import statistics
 
-from benchmarks.bench_serving import BLOCK_SIZE, workload
+from benchmarks.bench_serving import BLOCK_SIZE, _pct, workload
 from benchmarks.common import print_table, runtime_block_tables
 from cinfer_runtime.block_manager import BlockManager
 from cinfer_runtime.config import EngineConfig, cdiv
@@ -108,11 +108,6 @@ def main():
     print(f"{args.num_requests} requests, max_num_seqs {args.max_num_seqs}, a cache of {num_blocks} blocks; "
           f"regions per block over windows of {WINDOW} logical positions (lower: more local)")
     print_table(rows, ["layout", "region_blocks", "median", "p90", "worst"])
-
-
-def _pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
 if __name__ == "__main__":

@@ -319,7 +319,8 @@ def wave_candidates(base: DecodeConfig) -> list[DecodeConfig]:
     for block_n, warps in ((64, 4), (64, 2), (32, 2), (32, 4), (16, 1), (32, 1)):
         out.append(dataclasses.replace(base, wave_block_n=block_n, wave_num_warps=warps, wave_resident=0))
     # the band starting later: where a smaller head_dim lets the row's own tiling keep more programs resident
-    out += [dataclasses.replace(out[4], resident=resident) for resident in (5, 8)]
+    out += [dataclasses.replace(base, wave_block_n=32, wave_num_warps=2, wave_resident=0, resident=resident)
+            for resident in (5, 8)]
     return list(dict.fromkeys(out))
 
 

@@ -70,8 +70,8 @@ def paged_attention_reference(query: Tensor, k_cache: Tensor, v_cache: Tensor, b
         v = v_cache[blocks].reshape(-1, kv_heads, head_dim)[:ctx].float()
         q = query[start:end].float().view(q_len, kv_heads, group, head_dim)
         scores = torch.einsum("qhgd,khd->hgqk", q, k) * scale
-        last_visible = ctx - q_len + torch.arange(q_len)
-        visible = torch.arange(ctx)[None, :] <= last_visible[:, None]
+        last_visible = ctx - q_len + torch.arange(q_len, device=query.device)
+        visible = torch.arange(ctx, device=query.device)[None, :] <= last_visible[:, None]
         scores.masked_fill_(~visible, float("-inf"))
         o = torch.einsum("hgqk,khd->qhgd", scores.softmax(-1), v)
         out[start:end] = o.reshape(q_len, num_heads, head_dim).to(query.dtype)
