@@ -193,9 +193,11 @@ class PrefillConfig:
 # merge also saves small decode batches the merge kernel's launch; split sizing: DecodeConfig, from runs AY-BF; the
 # wave tiling for large steps, bn32 w2: runs CK-CO of 2026-11-27);
 # prefill picked on an H200 (triton 3.6), 8x2048 causal at 316 TFLOP/s. The 64 and 256 rows are scaled from it,
-# untuned.
+# untuned, except head_dim 64's wave tiling, bn64 w2: the best single wave tiling of the H100 sweep of run CT
+# (2026-11-27; 0.961-0.988x SDPA at b64 @ 384 and 4096, b128 and b256 @ 512, against 0.940-0.960x without).
 DECODE_CONFIGS = {
-    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused"),
+    64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused", wave_block_n=64,
+                     wave_num_warps=2, wave_resident=0),
     128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused", wave_block_n=32,
                       wave_num_warps=2, wave_resident=0),
     # Untuned: the split sizing closest to the one it had before run AZ (16 programs per SM, 512 keys at least).

@@ -328,6 +328,12 @@ def test_wave_tiling_band(monkeypatch):
     warps_only = dataclasses.replace(cfg, wave_block_n=cfg.block_n)
     assert variant_batches(256, 8, 128, torch.device("cpu"), decode_config=warps_only) == [1, 50]
     assert variant_batches(256, 8, 256, torch.device("cpu")) == [1]  # the head_dim-256 row has no wave tiling
+    # the head_dim-64 row (Llama-3.2-1B) has its own: bn64 with 2 warps, from the same band start
+    row64 = paged_attention_module.DECODE_CONFIGS[64]
+    for batch, wave in [(49, False), (50, True), (256, True)]:
+        got = step(batch * 8, 2048, row64, 132)
+        assert (got.block_n, got.num_warps, got.partition_size) == ((64, 2, 2048) if wave else (128, 4, None)), batch
+    assert variant_batches(256, 8, 64, torch.device("cpu")) == [1, 50]
     assert variant_batches(256, 8, 128, torch.device("cpu"), dtype=torch.float32) == [1]  # nor has fp32
 
 
@@ -496,8 +502,9 @@ def test_op_cuda_default_tiles(case):
 @settings(max_examples=25)
 @given(case=decode_case(max_batch=8, head_dims=(64, 80, 128, 256), block_sizes=GPU_BLOCK_SIZES, max_blocks=40))
 def test_op_cuda_wave_tiling(case):
-    # The default config's wave tiling (bn32 with 2 warps at head_dim 128 in 16 bits) natively, at small sizes: on
-    # one "SM" every step of more (token, kv head) pairs than bn128 keeps resident (3) takes it.
+    # The default config's wave tiling (16 bits: bn32 with 2 warps at head_dim 128, bn64 with 2 at head_dim 64)
+    # natively, at small sizes: on one "SM" every step of more (token, kv head) pairs than bn128 keeps resident (3)
+    # takes it.
     args = build(case, "cuda")
     d_pad = max(1 << (case.head_dim - 1).bit_length(), 16)
     cfg = paged_attention_module.default_decode_config(d_pad, case.dtype)
@@ -505,8 +512,8 @@ def test_op_cuda_wave_tiling(case):
     wave = paged_attention_module._step_config(pairs, args[3].shape[1] * case.block_size, cfg, 1)
     with unittest.mock.patch.object(paged_attention_module, "_num_sms", lambda device: 1):
         check(case, torch.ops.cinfer.paged_attention(*args), args, f"{wave}")
-    if d_pad == 128 and case.dtype != torch.float32 and pairs > cfg.resident:
-        assert (wave.block_n, wave.num_warps) == (32, 2)
+    if d_pad in (64, 128) and case.dtype != torch.float32 and pairs > cfg.resident:
+        assert (wave.block_n, wave.num_warps) == ({64: 64, 128: 32}[d_pad], 2)
 
 
 @pytest.mark.gpu
