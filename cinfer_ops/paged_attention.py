@@ -130,15 +130,17 @@ class DecodeConfig:
     ``wave_block_n`` keys per step and ``wave_num_warps`` warps (0: ``num_warps``), a tiling that keeps more
     programs resident. With the default tiling such a step runs 1.3 waves or more, or 2 splits and their merges.
     On sm_90 at head_dim 128, bn128 w4 s2 keeps 3 programs per SM (128 registers, 72 KiB of shared memory; 158
-    registers in the split variant) and the wave tiling bn32 w2 s2 keeps 8 (120 registers, 21 KiB), so batch 50 and
-    up for 8 kv heads on 132 SMs take bn32 w2: more, smaller programs per SM keep more K/V streams in flight. In a
-    step of fewer programs the longer chain of small tiles costs more than it saves, so the band starts where
-    bn128 no longer fits every program at once.
+    registers in the split variant) and the wave tiling bn32 w1 s2 keeps 10 (195 registers, 20 KiB; bn32 w2 keeps
+    8), so batch 50 and up for 8 kv heads on 132 SMs take bn32 w1: more, smaller programs per SM keep more K/V
+    streams in flight. In a step of fewer programs the longer chain of small tiles costs more than it saves, so the
+    band starts where bn128 no longer fits every program at once.
     (H100, 2026-11-27, RESULTS.md runs CK-CO, blocks as the runtime's block manager lays them out, x SDPA: batch 64
     at 4096 keys 0.994x against 0.981x for the band's tiling before, bn64 w4 up to batch 82; batch 64 at 384 keys
     over an 8192-key table 1.010x against 0.987x; batch 256 at 512 keys 0.998x against 0.993x; Llama-3-8B
     generation at batch 128 2.8% more tokens/s. With every block in a random place the change is mixed, -1.3% to
-    +2.4%. At batch 32 and 384 keys, outside the band, bn32 w2 was 12% slower than bn128 w4.)
+    +2.4%. At batch 32 and 384 keys, outside the band, bn32 w2 was 12% slower than bn128 w4. Runs CX and CY: one
+    warp instead of 2 was faster at 12 of 14 band shapes, 0.3-1.9%, geomean x SDPA 1.005 against 0.997; 0.6% slower
+    at batch 80 over 4096 keys. A deeper pipeline for long runs of keys gained nothing: 3 or 4 stages timed the same.)
     """
     block_n: int
     num_warps: int
@@ -191,7 +193,7 @@ class PrefillConfig:
 # Head_dim 128: decode from the H100 --decode-sweep of 2026-11-26 (the best single config over the three issue
 # shapes: 0.97x SDPA enable_gqa, 90-95% of copy bandwidth, against 0.95-0.97x for the earlier default; the fused
 # merge also saves small decode batches the merge kernel's launch; split sizing: DecodeConfig, from runs AY-BF; the
-# wave tiling for large steps, bn32 w2: runs CK-CO of 2026-11-27);
+# wave tiling for large steps, bn32 w1: runs CK-CO and CX-CY of 2026-11-27);
 # prefill picked on an H200 (triton 3.6), 8x2048 causal at 316 TFLOP/s. The 64 and 256 rows are scaled from it,
 # untuned, except head_dim 64's wave tiling, bn64 w2: the best single wave tiling of the H100 sweep of run CT
 # (2026-11-27; 0.961-0.988x SDPA at b64 @ 384 and 4096, b128 and b256 @ 512, against 0.940-0.960x without).
@@ -199,7 +201,7 @@ DECODE_CONFIGS = {
     64: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused", wave_block_n=64,
                      wave_num_warps=2, wave_resident=0),
     128: DecodeConfig(block_n=128, num_warps=4, num_stages=2, grid_order="head", merge="fused", wave_block_n=32,
-                      wave_num_warps=2, wave_resident=0),
+                      wave_num_warps=1, wave_resident=0),
     # Untuned: the split sizing closest to the one it had before run AZ (16 programs per SM, 512 keys at least).
     256: DecodeConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=16, short_partition=512),
 }

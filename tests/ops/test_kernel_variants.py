@@ -92,8 +92,8 @@ def test_decode_steps_compile_one_variant_outside_the_wave_band(recorders, max_m
     # The default decode config (fused merge) splits a step into a number of splits that rises and falls with the
     # batch (DecodeConfig); its kernel variant must not follow it. Tables shorter than 2 least splits never split
     # (512 keys here: 8 kv heads on the interpreter's 8 "SMs" are more than a quarter of the target at batch 1).
-    # The one exception is the wave band, more than 24 pairs here (batch 4 and up): one more variant, bn32 with 2
-    # warps at one split, which decode_variant_batches names.
+    # The one exception is the wave band, more than 24 pairs here (batch 4 and up): one more variant, bn32 with 1
+    # warp at one split, which decode_variant_batches names.
     layer = Layer(max_batch=256, max_num_tokens=256, max_model_len=max_model_len)
     per_batch = {b: keys_of(recorders, lambda: layer.step([1] * b)) for b in SIZES}
     band = [b for b in SIZES if b >= 4]

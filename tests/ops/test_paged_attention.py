@@ -303,14 +303,14 @@ def test_decode_partition_sizing():
 
 def test_wave_tiling_band(monkeypatch):
     # The default head_dim-128 config on 132 SMs with 8 kv heads: a step of more pairs than bn128 keeps resident (3
-    # per SM, 396) runs bn32 with 2 warps at one split the table wide; smaller steps keep cfg. A bounded band
+    # per SM, 396) runs bn32 with 1 warp at one split the table wide; smaller steps keep cfg. A bounded band
     # (wave_resident) hands larger steps back to cfg.
     monkeypatch.setattr(paged_attention_module, "_num_sms", lambda device: 132)
     cfg = paged_attention_module.DECODE_CONFIGS[128]
     step = paged_attention_module._step_config
     for batch, wave in [(1, False), (49, False), (50, True), (64, True), (83, True), (256, True), (4096, True)]:
         got = step(batch * 8, 4096, cfg, 132)
-        assert (got.block_n, got.num_warps, got.partition_size) == ((32, 2, 4096) if wave else (128, 4, None)), batch
+        assert (got.block_n, got.num_warps, got.partition_size) == ((32, 1, 4096) if wave else (128, 4, None)), batch
         assert (got.num_stages, got.grid_order, got.merge) == (cfg.num_stages, cfg.grid_order, cfg.merge)
     assert step(64 * 8, 1000, cfg, 132).partition_size == 1024  # whole tiles
     assert step(64 * 8, 4096, dataclasses.replace(cfg, wave_block_n=0), 132).block_n == 128
@@ -502,7 +502,7 @@ def test_op_cuda_default_tiles(case):
 @settings(max_examples=25)
 @given(case=decode_case(max_batch=8, head_dims=(64, 80, 128, 256), block_sizes=GPU_BLOCK_SIZES, max_blocks=40))
 def test_op_cuda_wave_tiling(case):
-    # The default config's wave tiling (16 bits: bn32 with 2 warps at head_dim 128, bn64 with 2 at head_dim 64)
+    # The default config's wave tiling (16 bits: bn32 with 1 warp at head_dim 128, bn64 with 2 at head_dim 64)
     # natively, at small sizes: on one "SM" every step of more (token, kv head) pairs than bn128 keeps resident (3)
     # takes it.
     args = build(case, "cuda")
@@ -513,7 +513,7 @@ def test_op_cuda_wave_tiling(case):
     with unittest.mock.patch.object(paged_attention_module, "_num_sms", lambda device: 1):
         check(case, torch.ops.cinfer.paged_attention(*args), args, f"{wave}")
     if d_pad in (64, 128) and case.dtype != torch.float32 and pairs > cfg.resident:
-        assert (wave.block_n, wave.num_warps) == ({64: 64, 128: 32}[d_pad], 2)
+        assert (wave.block_n, wave.num_warps) == {64: (64, 2), 128: (32, 1)}[d_pad]
 
 
 @pytest.mark.gpu

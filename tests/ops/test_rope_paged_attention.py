@@ -133,7 +133,7 @@ def test_decode_kernel_matches_float64(step, cfg, qkv_layout, cos_layout, cos_ha
        sms=st.sampled_from([1, 132]))
 def test_decode_default_tiles_cuda(step, sms):
     """The op's default decode tiling natively; on one "SM", more (token, kv head) pairs than bn128 keeps resident
-    take the wave tiling (bn32 with 2 warps at head_dim 128 in 16 bits)."""
+    take the wave tiling (bn32 with 1 warp at head_dim 128, bn64 with 2 at head_dim 64, in 16 bits)."""
     case, no_write = step
     args, original = make_inputs(case, "cuda", no_write=no_write, seed=case.seed)
     with unittest.mock.patch.object(paged_attention_module, "_num_sms", lambda device: sms):
