@@ -58,6 +58,30 @@ def bench_ms(fn, warmup_ms: float = 50, rep_ms: float = 300, cuda_graph: bool = 
     return sorted(times)[len(times) // 2]
 
 
+def capture(fn):
+    """fn() captured once in a CUDA graph (after one eager call that compiles and allocates); returns its replay.
+    On CPU: fn itself."""
+    if not torch.cuda.is_available():
+        return fn
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench_rounds_ms(fns: dict, rounds: int = 5) -> dict[str, list[float]]:
+    """Each fn's bench_ms in each of ``rounds`` rounds, the fns in turn within a round. A ratio of two medians then
+    compares calls timed minutes apart no more than calls timed side by side: clock and thermal drift over the run
+    fall on every fn alike."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(bench_ms(fn))
+    return times
+
+
 def chain_length(nbytes: int, total: int = 1 << 30, most: int = 16) -> int:
     """How many copies of a call's buffers (``nbytes`` moved per call) make a chain of about ``total`` bytes, far
     more than L2 holds (50 MiB on an H100 or H200): at least 2, at most ``most``."""

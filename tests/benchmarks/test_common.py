@@ -26,3 +26,14 @@ def test_runtime_block_tables_cover_each_context(batch, ctx, block_size, prompt)
     first = -(-min(prompt, ctx) // block_size)  # the prompt's blocks, consecutive
     for row in tables.tolist():
         assert row[:first] == list(range(row[0], row[0] + first))
+
+
+def test_bench_rounds_ms_times_each_fn_in_turn():
+    # Round after round, every fn is timed once per round, in the given order, so drift falls on all alike.
+    from benchmarks.common import bench_rounds_ms
+
+    calls = []
+    times = bench_rounds_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
+    assert sorted(times) == ["a", "b"] and all(len(t) == 3 and min(t) >= 0 for t in times.values())
+    runs = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]  # collapse repeats
+    assert runs == ["a", "b"] * 3
