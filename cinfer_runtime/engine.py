@@ -365,11 +365,16 @@ class Engine:
         return [int(t) for t in prompt]
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        token_ids = seq.output_token_ids
-        text = (self.tokenizer.decode(token_ids, skip_special_tokens=True)
-                if self.tokenizer is not None else None)
-        return RequestOutput(request_id=seq.request_id, prompt_token_ids=list(seq.prompt_token_ids),
-                             token_ids=token_ids, text=text, finish_reason=seq.finish_reason)
+        """A request's output now. Its text is decoded when read (RequestOutput); its prompt ids are one copy per
+        request, shared by all its outputs (the sequence's own list stays private)."""
+        if seq.output_prompt_token_ids is None:
+            seq.output_prompt_token_ids = list(seq.prompt_token_ids)
+        return RequestOutput(seq.request_id, seq.output_prompt_token_ids, seq.output_token_ids,
+                             finish_reason=seq.finish_reason,
+                             detokenize=self._decode if self.tokenizer is not None else None)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
 def _eos_token_ids(model: torch.nn.Module) -> frozenset[int]:

@@ -33,6 +33,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None           # "stop" or "length" once finished
     num_preemptions: int = 0
+    output_prompt_token_ids: list[int] | None = field(default=None, repr=False)  # the engine's outputs' copy
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -225,15 +225,20 @@ def test_model_the_passes_cannot_rewrite_fails_in_compile():
         cinfer_runtime.compile(model, block_size=BLOCK_SIZE, num_kv_blocks=8, inner_backend="eager")
 
 
-def test_tokenizer_strings_in_and_out(model):
+def word_tokenizer(vocab_size: int):
+    """A word-level fast tokenizer over "w3" ... "w{vocab_size - 1}" (no hub access)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, model.config.vocab_size)]
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab_size)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_tokenizer_strings_in_and_out(model):
+    tokenizer = word_tokenizer(model.config.vocab_size)
     engine = cinfer_runtime.compile(model, tokenizer=tokenizer, block_size=BLOCK_SIZE, num_kv_blocks=16,
                                     max_num_seqs=4, inner_backend="eager")
     text_prompts = ["w5 w17 w99 w3", "w200"]
@@ -243,6 +248,34 @@ def test_tokenizer_strings_in_and_out(model):
         assert out.token_ids == hf_greedy(model, out.prompt_token_ids, 6)
         assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True) and out.text
     assert engine.generate("w5 w17 w99 w3", greedy(6), use_tqdm=False)[0].token_ids == outs[0].token_ids
+
+
+def test_step_outputs_decode_their_text_when_read(model, prompts, reference, monkeypatch):
+    # step() hands back an output for every request that advanced. Its text is decoded when first read (decoding
+    # every request's whole text at every step costs far more than the step), then kept; it equals the decode of
+    # the tokens the output holds, not of the request's later tokens.
+    tokenizer = word_tokenizer(model.config.vocab_size)
+    decoded = []
+    decode = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: decoded.append(list(ids)) or decode(ids, **kw))
+    engine = cinfer_runtime.compile(model, tokenizer=tokenizer, block_size=BLOCK_SIZE, num_kv_blocks=16,
+                                    max_num_seqs=4, inner_backend="eager")
+    ids = [engine.add_request(p, greedy(m)) for p, m in zip(prompts[1:4], MAX_TOKENS[1:4])]
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert decoded == [] and len(outputs) == sum(MAX_TOKENS[1:4])
+    for out in outputs[::-1]:  # the latest first: the earlier ones must still hold their own shorter texts
+        index = ids.index(out.request_id) + 1
+        assert out.token_ids == reference[index][:len(out.token_ids)]
+        assert out.prompt_token_ids == prompts[index]
+        assert out.text == decode(out.token_ids, skip_special_tokens=True)
+        assert out.text == out.text and decoded[-1] == out.token_ids  # read twice, decoded once
+    assert len(decoded) == len(outputs)
+    first = [o for o in outputs if o.request_id == ids[0]]
+    assert first[0].prompt_token_ids is first[-1].prompt_token_ids  # one copy per request, not per output
+    assert first[-1] == RequestOutput(ids[0], list(prompts[1]), reference[1], first[-1].text, "length")
+    assert "text=" in repr(first[-1]) and first[-1].finished and not first[0].finished
 
 
 def test_demo_runs_and_documents_its_options(capsys):
