@@ -4,7 +4,9 @@
 
 Workload (seeded): --num-requests requests, prompt lengths uniform in [64, 1024], output lengths uniform in
 [64, 512], all submitted at once, EOS ignored. Reports output tokens/s (only the tokens each request asked for)
-and p50/p99 request latency (submission to last token).
+and p50/p99 request latency (submission to last token). ``--repeats N`` runs the workload N times on each cinfer
+engine and reports the median run (by tokens/s) and every run's tokens/s: one run takes seconds and varies from
+one to the next by more than most changes being measured.
 
 Peers: ``cinfer`` (the defaults: async scheduling on a GPU), ``cinfer_sync`` (``async_scheduling=False``),
 ``cinfer_whole`` (the rewritten graph compiled as one graph, not per distinct layer: ``graph_passes.layer_split``),
@@ -50,7 +52,7 @@ CINFER_PEERS = {"cinfer": (None, True, True), "cinfer_sync": (False, True, True)
 BLOCK_SIZE = 16
 
 
-def run_cinfer(model, prompts, olens, max_num_seqs, peer="cinfer"):
+def run_cinfer(model, prompts, olens, max_num_seqs, peer="cinfer", repeats=1):
     import cinfer_runtime
     from cinfer_runtime import SamplingParams
 
@@ -75,22 +77,28 @@ def run_cinfer(model, prompts, olens, max_num_seqs, peer="cinfer"):
     engine.generate(warm, [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * len(warm), use_tqdm=False)
     _sync()
     compiled = compile_counts()
-    start = time.perf_counter()
-    ids = {engine.add_request(p, SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True)): o
-           for p, o in zip(prompts, olens)}
-    latency, produced = {}, 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finish_reason is not None and out.request_id not in latency:
-                latency[out.request_id] = time.perf_counter() - start
-                produced += len(out.token_ids)
-    elapsed = time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):  # the same workload again on the same engine: the row is the median run
+        start = time.perf_counter()
+        ids = {engine.add_request(p, SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True)): o
+               for p, o in zip(prompts, olens)}
+        latency, produced = {}, 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finish_reason is not None and out.request_id not in latency:
+                    latency[out.request_id] = time.perf_counter() - start
+                    produced += len(out.token_ids)
+        elapsed = time.perf_counter() - start
+        assert len(latency) == len(ids) and produced == sum(olens), (len(latency), produced, sum(olens))
+        runs.append(dict(tok_s=sum(olens) / elapsed, elapsed_s=elapsed, p50_s=_pct(latency.values(), 50),
+                         p99_s=_pct(latency.values(), 99)))
     compiled_in_run = {key: value - compiled[key] for key, value in compile_counts().items()}
-    assert len(latency) == len(ids) and produced == sum(olens), (len(latency), produced, sum(olens))
-    return dict(peer=peer, tok_s=sum(olens) / elapsed, elapsed_s=elapsed, startup_s=startup,
-                p50_s=_pct(latency.values(), 50), p99_s=_pct(latency.values(), 99),
-                preemptions=engine.scheduler.num_preemptions, overlapped_steps=engine.num_overlapped_steps,
-                compiled_in_run=compiled_in_run)
+    row = dict(peer=peer, **sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2], startup_s=startup,
+               preemptions=engine.scheduler.num_preemptions, overlapped_steps=engine.num_overlapped_steps,
+               compiled_in_run=compiled_in_run)
+    if repeats > 1:
+        row["tok_s_runs"] = [round(r["tok_s"]) for r in runs]
+    return row
 
 
 def run_hf_padded(model, prompts, olens, batch_size):
@@ -140,7 +148,12 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="cinfer peers: run the workload this many times on one engine and report the median run "
+                         "(a run of a few seconds varies by several percent from one to the next)")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.model, getattr(torch, args.dtype), device)
@@ -153,7 +166,7 @@ def main():
     for peer in args.peers.split(","):
         try:
             if peer in CINFER_PEERS:
-                rows.append(run_cinfer(model, prompts, olens, args.max_num_seqs, peer))
+                rows.append(run_cinfer(model, prompts, olens, args.max_num_seqs, peer, args.repeats))
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -176,7 +189,7 @@ def main():
                 r["x_" + other] = r["tok_s"] / o["tok_s"]
     print_table(rows, ["peer", "tok_s", "elapsed_s", "p50_s", "p99_s", "startup_s", "x_best_hf", "x_cinfer_sync",
                        "x_cinfer_whole", "x_cinfer_rope_unfused", "preemptions", "overlapped_steps", "compiled_in_run",
-                       "error"])
+                       "tok_s_runs", "error"])
     write_json(f"{args.out}/bench_serving_{args.model.replace('/', '_')}.json", dict(info=info, args=vars(args), rows=rows))
 
 

@@ -35,7 +35,7 @@ case "${1:-}" in
         stage startup_warm 150 python -m benchmarks.bench_generate --model llama3-8b --batch 1 --new-tokens 64 \
             --peers cinfer --out "$OUT/warm"
         stage bench_serving 400 python -m benchmarks.bench_serving --model llama3-1b \
-            --peers cinfer,hf_padded --out "$OUT" ;;
+            --peers cinfer,hf_padded --repeats 3 --out "$OUT" ;;
     linear)
         stage tune_linear 270 python benchmarks/tune_linear.py --out "$OUT"
         stage startup_cold 150 python -m benchmarks.profile_startup --model llama3-8b --max-num-seqs 64 --out "$OUT/cold"
