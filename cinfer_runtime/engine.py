@@ -13,6 +13,7 @@ reads the in-flight tokens first and schedules as usual. Each ``step()`` thus re
 previous call launched (the first call launches and returns nothing); tokens, finish reasons and their order
 per request are those of the synchronous engine.
 """
+import functools
 import logging
 import numbers
 import random
@@ -96,6 +97,10 @@ class Engine:
             config = replace(config, num_kv_blocks=cpu_num_kv_blocks(model, config))
         self.config = config
         self.tokenizer = tokenizer
+        # What an output's text is decoded with when read (RequestOutput): the tokenizer's own method, not one of
+        # the engine's, so that outputs kept after the engine is dropped do not keep it (and its caches) alive.
+        self._decode = (functools.partial(tokenizer.decode, skip_special_tokens=True)
+                        if tokenizer is not None else None)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = _eos_token_ids(model)
         model.eval()
@@ -373,11 +378,7 @@ class Engine:
         if seq.output_prompt_token_ids is None:
             seq.output_prompt_token_ids = list(seq.prompt_token_ids)
         return RequestOutput(seq.request_id, seq.output_prompt_token_ids, seq.output_token_ids,
-                             finish_reason=seq.finish_reason,
-                             detokenize=self._decode if self.tokenizer is not None else None)
-
-    def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+                             finish_reason=seq.finish_reason, detokenize=self._decode)
 
 
 def _eos_token_ids(model: torch.nn.Module) -> frozenset[int]:

@@ -309,3 +309,23 @@ def test_sliding_window_model_is_capped_to_its_window():
     assert out.token_ids == hf_greedy(model, prompt, 10, ignore_eos=True)
     with pytest.raises(ValueError, match="max_model_len"):
         engine.generate([make_prompts(256, lens=[20])[0]], greedy(2), use_tqdm=False)
+
+
+def test_unread_outputs_do_not_keep_the_engine_alive(model, prompts):
+    # An output decodes its text when read, with the tokenizer's own decode: one kept after the engine is dropped
+    # must not keep the engine (and its KV caches) alive, and still reads its text.
+    import gc
+    import weakref
+
+    tokenizer = word_tokenizer(model.config.vocab_size)
+    engine = cinfer_runtime.compile(model, tokenizer=tokenizer, block_size=BLOCK_SIZE, num_kv_blocks=16,
+                                    max_num_seqs=4, inner_backend="eager")
+    engine.add_request(prompts[2], greedy(3))
+    kept = []
+    while engine.has_unfinished_requests():
+        kept += engine.step()
+    alive = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert alive() is None
+    assert kept[-1].text == tokenizer.decode(kept[-1].token_ids, skip_special_tokens=True)
