@@ -31,6 +31,10 @@ class RequestOutput:
             self._text, self._detokenize = self._detokenize(self.token_ids), None
         return self._text
 
+    @text.setter
+    def text(self, value: str | None) -> None:
+        self._text, self._detokenize = value, None
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None

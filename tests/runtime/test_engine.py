@@ -276,6 +276,8 @@ def test_step_outputs_decode_their_text_when_read(model, prompts, reference, mon
     assert first[0].prompt_token_ids is first[-1].prompt_token_ids  # one copy per request, not per output
     assert first[-1] == RequestOutput(ids[0], list(prompts[1]), reference[1], first[-1].text, "length")
     assert "text=" in repr(first[-1]) and first[-1].finished and not first[0].finished
+    first[0].text = "edited"  # assignable, as the dataclass it replaced
+    assert first[0].text == "edited" and first[0] != first[-1]
 
 
 def test_demo_runs_and_documents_its_options(capsys):
