@@ -24,7 +24,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before cinfer_ops is imported: the kernels run in the interpreter
 
 from benchmarks.block_layout import random_like, regions_per_block, serving_steps  # noqa: E402
-from benchmarks.common import bench_ms, copy_bandwidth_gbps, device_info, print_table, write_json  # noqa: E402
+from benchmarks.common import (bench_rounds_ms, capture, copy_bandwidth_gbps, device_info,  # noqa: E402
+                               print_table, write_json)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_SIZE = 16
@@ -106,10 +107,7 @@ def main(argv=None) -> int:
             if not err < 3e-2:
                 raise SystemExit(f"{name} {layout}: max error {err} against the float32 reference")
             fns[layout] = fn
-        times = {layout: [] for layout in fns}
-        for _ in range(ROUNDS):
-            for layout, fn in fns.items():
-                times[layout].append(bench_ms(fn, cuda_graph=DEVICE == "cuda"))
+        times = bench_rounds_ms({layout: capture(fn) for layout, fn in fns.items()}, ROUNDS)
         ms = {layout: statistics.median(t) for layout, t in times.items()}
         for layout in fns:
             rows.append(dict(step=f"{name}: batch {batch}, {sum(contexts)} keys, locality {locality:.3f}",

@@ -9,8 +9,9 @@ device-to-device copy bandwidth measured at the start of the run (benchmarks/com
 and rope at 8192 tokens are timed in steady state: every implementation runs back to back over copies of its
 buffers (about 1 GiB in all, as the 2 GiB copy does), with no L2 flush between calls; cinfer's row "one call after
 an L2 flush" is the single-call timing of runs before session 8. Attention moves hundreds of MB a call and keeps
-the single-call timing; decode times its implementations in turn, in 5 rounds, and takes each one's median. Decode's cinfer row lays each sequence's blocks out where the runtime's block manager puts
-them (``common.runtime_block_tables``); rows with the blocks in a random order and consecutive are informational.
+the single-call timing; decode times its implementations in turn, in 5 rounds, and takes each one's median.
+Decode's cinfer row lays each sequence's blocks out where the runtime's block manager puts them
+(``common.runtime_block_tables``); rows with the blocks in a random order and consecutive are informational.
 Prefill attention reports TFLOP/s (causal FLOPs 4 * seq^2 / 2 * heads * head_dim per sequence, the same count for
 every implementation). Every implementation's output is checked against a reference once before it is timed; a
 wrong result is marked WRONG and never counts as meeting its target. A failing section prints its error and the
@@ -109,19 +110,21 @@ class Section:
                 row["ms"] = bench_ms(fn)
                 row["timing"] = "launches (syncs with the host)" if DEVICE == "cuda" else "wall clock"
         except Exception as e:  # one implementation failing must not hide the others
-            traceback.print_exc()
-            row["error"] = f"{type(e).__name__}: {e}"
-            row["note"] = (note + " " if note else "") + "FAILED: " + row["error"][:80]
+            _failed(row, e)
             self.rows.append(row)
             return None
+        self._add_rate(row)
+        self.rows.append(row)
+        return row
+
+    def _add_rate(self, row: dict) -> None:
+        """TFLOP/s, or GB/s and its percentage of copy bandwidth, from the row's ms."""
         seconds = row["ms"] * 1e-3
         if self.flops is not None:
             row.update(rate=self.flops / seconds / 1e12, unit="TFLOP/s")
         else:
             row.update(rate=self.nbytes / seconds / 1e9, unit="GB/s")
             row["roofline_%"] = 100 * row["rate"] / self.copy_bw
-        self.rows.append(row)
-        return row
 
     def measure_rounds(self, entries: list[tuple], rounds: int = 5) -> None:
         """Time several implementations in interleaved rounds (common.bench_rounds_ms) after checking each:
@@ -135,9 +138,7 @@ class Section:
                 _sync()
                 timed[impl] = (row, capture(fn))
             except Exception as e:  # one implementation failing must not hide the others
-                traceback.print_exc()
-                row["error"] = f"{type(e).__name__}: {e}"
-                row["note"] = (note + " " if note else "") + "FAILED: " + row["error"][:80]
+                _failed(row, e)
             self.rows.append(row)
         times = bench_rounds_ms({impl: replay for impl, (_, replay) in timed.items()}, rounds)
         for impl, (row, _) in timed.items():
@@ -145,8 +146,7 @@ class Section:
             spread = max(times[impl]) / min(times[impl]) - 1
             row["timing"] = (f"cuda graph, median of {rounds} interleaved rounds (spread {100 * spread:.1f}%)"
                              if DEVICE == "cuda" else "wall clock")
-            row["rate"], row["unit"] = self.nbytes / (row["ms"] * 1e-3) / 1e9, "GB/s"
-            row["roofline_%"] = 100 * row["rate"] / self.copy_bw
+            self._add_rate(row)
 
     def finish(self) -> list[dict]:
         """Speedups against the fastest alternative and the target verdict on cinfer's row."""
@@ -170,6 +170,13 @@ class Section:
             if not r.get("ok", True) and r["impl"] != "cinfer":
                 r["met"] = "WRONG"
         return self.rows
+
+
+def _failed(row: dict, e: Exception) -> None:
+    """Mark an implementation's row failed: the traceback printed, the error in the row and its note."""
+    traceback.print_exc()
+    row["error"] = f"{type(e).__name__}: {e}"
+    row["note"] = (row["note"] + " " if row["note"] else "") + "FAILED: " + row["error"][:80]
 
 
 def _is_cinfer(row: dict) -> bool:

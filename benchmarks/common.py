@@ -42,12 +42,7 @@ def bench_ms(fn, warmup_ms: float = 50, rep_ms: float = 300, cuda_graph: bool = 
         import triton.testing
 
         if cuda_graph:
-            fn()  # compile, autotune and allocate outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            fn = graph.replay
+            fn = capture(fn)
         return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     fn()
     times = []
