@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from benchmarks.common import runtime_block_tables
+from benchmarks.common import print_table, runtime_block_tables
 
 
 def test_runtime_block_tables_prompts_then_interleaved_decode():
@@ -37,3 +37,8 @@ def test_bench_rounds_ms_times_each_fn_in_turn():
     assert sorted(times) == ["a", "b"] and all(len(t) == 3 and min(t) >= 0 for t in times.values())
     runs = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]  # collapse repeats
     assert runs == ["a", "b"] * 3
+
+
+def test_print_table_without_rows_prints_the_header(capsys):
+    print_table([], ["peer", "tok_s"])
+    assert capsys.readouterr().out.split() == ["peer", "tok_s"]
