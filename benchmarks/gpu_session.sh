@@ -7,6 +7,8 @@
 #                                            # profiles of a cold and a warm process
 #   bash benchmarks/gpu_session.sh decode    # decode over a serving run's block layouts, and the wave tilings of the
 #                                            # head_dim-64 row (Llama-3.2-1B) over the runtime's layout
+#   bash benchmarks/gpu_session.sh prefill   # a batch-1 prefill's kernels (8B shape, profiled) and each prefill-sized
+#                                            # projection on cuBLAS, cuBLASLt and Inductor's autotuned GEMMs
 # Run from the repository root on the GPU machine (torch/triton/transformers preinstalled; nothing to install).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -44,7 +46,11 @@ case "${1:-}" in
         stage decode_layouts 200 python -m benchmarks.bench_decode_layouts --out "$OUT"
         stage wave_d64 330 python benchmarks/tune_paged_attention.py --decode-sweep --candidates wave \
             --shapes b64x384w8192d64,b128x512w8192d64,b256x512d64,b64x4096d64 --out "$OUT" ;;
+    prefill)
+        stage prefill_profile 240 python -m benchmarks.bench_generate --model llama3-8b --batch 1 --peers cinfer \
+            --profile 1 --out "$OUT"
+        stage prefill_linear 300 python -m benchmarks.bench_prefill_linear --rows 128 --out "$OUT" ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh tests|bench|serving|linear|decode" >&2
+        echo "usage: bash benchmarks/gpu_session.sh tests|bench|serving|linear|decode|prefill" >&2
         exit 2 ;;
 esac
