@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import bench_chain_ms, copy_bandwidth_gbps, device_info, print_table, write_json
+from benchmarks.models import PROJECTION_SHAPES
 
-SHAPES = {  # name: (N, K) of weight [N, K]
-    "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),
-    "1b.qkv": (3072, 2048), "1b.o": (2048, 2048), "1b.gate_up": (16384, 2048), "1b.down": (2048, 8192),
-}
+# name: (N, K) of weight [N, K]; lm_head is left out (a prefill computes the logits of one row per sequence)
+SHAPES = {name: shape for name, shape in PROJECTION_SHAPES.items() if not name.endswith(".lm_head")}
 SMOKE_SHAPES = {"a": (48, 64), "b": (40, 96)}
 
 

@@ -17,6 +17,23 @@ CONFIGS = {
 }
 
 
+def projection_shapes(name: str) -> dict[str, tuple[int, int]]:
+    """(N, K) of each weight [N, K] that a CONFIGS model's layers stream, as cinfer runs them: fused q/k/v, o_proj,
+    fused gate/up, down_proj, and lm_head."""
+    c = CONFIGS[name]
+    hidden, inter, heads, kv_heads = (c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
+                                      c["num_key_value_heads"])
+    head_dim = hidden // heads
+    return {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "o": (hidden, heads * head_dim),
+            "gate_up": (2 * inter, hidden), "down": (hidden, inter), "lm_head": (c["vocab_size"], hidden)}
+
+
+# The projections of Llama-3-8B and Llama-3.2-1B by short name ("8b.qkv", ..., "1b.lm_head"): the GEMM benchmarks'
+# shapes (tune_linear.py, bench_prefill_linear.py).
+PROJECTION_SHAPES = {f"{tag}.{proj}": shape for tag, name in (("8b", "llama3-8b"), ("1b", "llama3-1b"))
+                     for proj, shape in projection_shapes(name).items()}
+
+
 def load_model(name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """A config name from CONFIGS (random weights, seeded) or a local HF checkpoint folder."""
     if os.path.isdir(name):

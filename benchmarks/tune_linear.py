@@ -37,14 +37,10 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.common import bench_ms, copy_bandwidth_gbps, device_info, print_table, write_json  # noqa: E402
+from benchmarks.models import PROJECTION_SHAPES  # noqa: E402
 from cinfer_ops.linear import LinearConfig, linear_stream_triton  # noqa: E402
 
-SHAPES = {  # name: (N, K) of weight [N, K]
-    "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),
-    "8b.lm_head": (128256, 4096),
-    "1b.qkv": (3072, 2048), "1b.o": (2048, 2048), "1b.gate_up": (16384, 2048), "1b.down": (2048, 8192),
-    "1b.lm_head": (128256, 2048),
-}
+SHAPES = PROJECTION_SHAPES  # name: (N, K) of weight [N, K]
 SMOKE_SHAPES = {"a": (48, 64), "b": (40, 96)}
 ROWS = (1, 2, 4, 8, 16)
 TIMING = dict(warmup_ms=25, rep_ms=100)
