@@ -12,7 +12,8 @@ not the streaming kernel of ``cinfer_ops.linear``), ``cinfer_nopdl`` (no program
 ``cinfer_whole`` (the rewritten graph compiled as one graph, not per distinct layer: ``graph_passes.layer_split``),
 ``cinfer_unfused`` (the gate/up projection and its activation as two kernels: ``silu_mul_pass.LINEAR_SILU_MUL``),
 ``cinfer_rope_unfused`` (RoPE and the cache write as a kernel of their own before attention at decode:
-``rope_attention_pass.ROPE_ATTENTION``),
+``rope_attention_pass.ROPE_ATTENTION``), ``cinfer_norms`` (each RMSNorm a kernel of its own, not split into the
+projections around it: ``norm_linear_pass.SPLIT_NORMS``),
 ``hf_static``, ``hf_eager``. Each cinfer engine gets a KV cache sized
 for the workload (twice the largest batch's tokens), not from free memory: a deleted engine's cache is not
 returned to the device (its compiled graph keeps it alive), so the second engine of the run must fit beside it.
@@ -33,6 +34,7 @@ pdl = importlib.import_module("cinfer_ops.pdl")
 layer_split = importlib.import_module("graph_passes.layer_split")
 silu_mul_pass = importlib.import_module("graph_passes.silu_mul_pass")
 rope_attention_pass = importlib.import_module("graph_passes.rope_attention_pass")
+norm_linear_pass = importlib.import_module("graph_passes.norm_linear_pass")
 
 
 def _sync():
@@ -74,13 +76,15 @@ def bench_hf(model, prompts: torch.Tensor, new_tokens: int, static: bool) -> tup
 # peer -> (async_scheduling (None: the default), few-row linears on the streaming kernel (False: all on cuBLAS),
 #          programmatic dependent launch (cinfer_ops.pdl), the graph compiled per distinct layer
 #          (graph_passes.layer_split; False: as one graph), the gate/up projection fused with its activation,
-#          RoPE fused into decode attention)
-CINFER_PEERS = {"cinfer": (None, True, True, True, True, True), "cinfer_sync": (False, True, True, True, True, True),
-                "cinfer_cublas": (None, False, True, True, True, True),
-                "cinfer_nopdl": (None, True, False, True, True, True),
-                "cinfer_whole": (None, True, True, False, True, True),
-                "cinfer_unfused": (None, True, True, True, False, True),
-                "cinfer_rope_unfused": (None, True, True, True, True, False)}
+#          RoPE fused into decode attention, norms split into the projections around them)
+CINFER_PEERS = {"cinfer": (None, True, True, True, True, True, True),
+                "cinfer_sync": (False, True, True, True, True, True, True),
+                "cinfer_cublas": (None, False, True, True, True, True, True),
+                "cinfer_nopdl": (None, True, False, True, True, True, True),
+                "cinfer_whole": (None, True, True, False, True, True, True),
+                "cinfer_unfused": (None, True, True, True, False, True, True),
+                "cinfer_rope_unfused": (None, True, True, True, True, False, True),
+                "cinfer_norms": (None, True, True, True, True, True, False)}
 BLOCK_SIZE = 16
 
 
@@ -174,21 +178,24 @@ def main():
             prompts = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
             try:
                 if peer in CINFER_PEERS:
-                    async_scheduling, stream_linear, use_pdl, split_layers, fuse_gated, fuse_rope = CINFER_PEERS[peer]
+                    (async_scheduling, stream_linear, use_pdl, split_layers, fuse_gated, fuse_rope,
+                     split_norms) = CINFER_PEERS[peer]
                     saved = (linear_op.STREAM_ROWS, pdl.ENABLED, layer_split.ENABLED,
-                             silu_mul_pass.LINEAR_SILU_MUL, rope_attention_pass.ROPE_ATTENTION)
+                             silu_mul_pass.LINEAR_SILU_MUL, rope_attention_pass.ROPE_ATTENTION,
+                             norm_linear_pass.SPLIT_NORMS)
                     try:  # the ops pick kernels and launch options when a step runs or a CUDA graph is captured
                         linear_op.STREAM_ROWS = saved[0] if stream_linear else 0
                         pdl.ENABLED = saved[1] and use_pdl
                         layer_split.ENABLED = saved[2] and split_layers
                         silu_mul_pass.LINEAR_SILU_MUL = saved[3] and fuse_gated
                         rope_attention_pass.ROPE_ATTENTION = saved[4] and fuse_rope
+                        norm_linear_pass.SPLIT_NORMS = saved[5] and split_norms
                         total, ttft, startup, engine = bench_cinfer(
                             model, prompts, args.new_tokens, max(batches), engine, async_scheduling=async_scheduling,
                             max_tokens_per_seq=args.prompt_len + args.new_tokens)
                     finally:
-                        (linear_op.STREAM_ROWS, pdl.ENABLED, layer_split.ENABLED,
-                         silu_mul_pass.LINEAR_SILU_MUL, rope_attention_pass.ROPE_ATTENTION) = saved
+                        (linear_op.STREAM_ROWS, pdl.ENABLED, layer_split.ENABLED, silu_mul_pass.LINEAR_SILU_MUL,
+                         rope_attention_pass.ROPE_ATTENTION, norm_linear_pass.SPLIT_NORMS) = saved
                     if args.profile:
                         profile_cinfer(engine, prompts, args.profile, f"{args.out}/profile_{peer}.txt")
                     if startup == 0.0:
@@ -225,7 +232,8 @@ def main():
         sync = by.get(("cinfer_sync", r["batch"]))
         if r["peer"] == "cinfer" and sync and "tok_s" in r and "tok_s" in sync:
             r["x_cinfer_sync"] = r["tok_s"] / sync["tok_s"]
-        for other in ("cinfer_cublas", "cinfer_nopdl", "cinfer_whole", "cinfer_unfused", "cinfer_rope_unfused"):
+        for other in ("cinfer_cublas", "cinfer_nopdl", "cinfer_whole", "cinfer_unfused", "cinfer_rope_unfused",
+                      "cinfer_norms"):
             o = by.get((other, r["batch"]))
             if r["peer"] == "cinfer" and o and "tok_s" in r and "tok_s" in o:
                 r["x_" + other] = r["tok_s"] / o["tok_s"]
@@ -233,7 +241,7 @@ def main():
                        "inner_compile_s", "pieces_compiled", "cuda_graphs_s",
                        "pct_roofline", "x_hf_static",
                        "x_cinfer_sync", "x_cinfer_cublas", "x_cinfer_nopdl", "x_cinfer_whole", "x_cinfer_unfused",
-                       "x_cinfer_rope_unfused",
+                       "x_cinfer_rope_unfused", "x_cinfer_norms",
                        "overlapped_steps", "error"])
     write_json(f"{args.out}/bench_generate_{args.model.replace('/', '_')}.json",
                dict(info=info, copy_gbps=bw, weight_bytes=wbytes, roofline_tok_s=roofline, args=vars(args), rows=rows))

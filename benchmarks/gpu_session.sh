@@ -9,6 +9,8 @@
 #                                            # head_dim-64 row (Llama-3.2-1B) over the runtime's layout
 #   bash benchmarks/gpu_session.sh prefill   # a batch-1 prefill's kernels (8B shape, profiled) and each prefill-sized
 #                                            # projection on cuBLAS, cuBLASLt and Inductor's autotuned GEMMs
+#   bash benchmarks/gpu_session.sh norms     # norms split into the projections around them against norm kernels
+#                                            # (8B shape): batch 1 in both orders, then batch 16 and 64
 # Run from the repository root on the GPU machine (torch/triton/transformers preinstalled; nothing to install).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -50,7 +52,16 @@ case "${1:-}" in
         stage prefill_profile 240 python -m benchmarks.bench_generate --model llama3-8b --batch 1 --peers cinfer \
             --profile 1 --out "$OUT"
         stage prefill_linear 300 python -m benchmarks.bench_prefill_linear --rows 128 --out "$OUT" ;;
+    norms)
+        stage norms_tests 170 python -m pytest -q -p no:cacheprovider tests/ops/test_norm_linear.py \
+            tests/graph_passes/test_norm_split_pass.py tests/runtime/test_engine_gpu.py
+        stage norms_b1 150 python -m benchmarks.bench_generate --model llama3-8b --batch 1 \
+            --peers cinfer,cinfer_norms --out "$OUT/norms_b1"
+        stage norms_b1_reversed 150 python -m benchmarks.bench_generate --model llama3-8b --batch 1 \
+            --peers cinfer_norms,cinfer --out "$OUT/norms_b1_reversed"
+        stage norms_b16_64 200 python -m benchmarks.bench_generate --model llama3-8b --batch 16,64 \
+            --peers cinfer,cinfer_norms --out "$OUT/norms_b16_64" ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh tests|bench|serving|linear|decode|prefill" >&2
+        echo "usage: bash benchmarks/gpu_session.sh tests|bench|serving|linear|decode|prefill|norms" >&2
         exit 2 ;;
 esac

@@ -12,6 +12,7 @@ from cinfer_ops.rope_kv_cache_write import rope_kv_cache_write  # noqa: F401
 from cinfer_ops.rope_paged_attention import rope_paged_attention  # noqa: F401
 from cinfer_ops.linear import linear, linear_silu_mul  # noqa: F401
 from cinfer_ops.silu_mul import silu_mul  # noqa: F401
+from cinfer_ops.norm_linear import linear_add_rms_stats, rms_stats_linear, rms_stats_linear_silu_mul  # noqa: F401
 
 # The Triton launchers pick their kernel variants (constexprs, num_warps) from the model's shapes, the cache and
 # fixed configs, plus a few thresholds on the step's size: token counts (these), and the decode batch, whose
@@ -22,4 +23,5 @@ VARIANT_TOKEN_THRESHOLDS = (MANY_ROWS, MANY_TOKENS)
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "kv_cache_write", "paged_attention", "rope_kv_cache_write",
            "rope_paged_attention", "linear",
-           "linear_silu_mul", "silu_mul", "VARIANT_TOKEN_THRESHOLDS"]
+           "linear_silu_mul", "silu_mul", "linear_add_rms_stats", "rms_stats_linear", "rms_stats_linear_silu_mul",
+           "VARIANT_TOKEN_THRESHOLDS"]

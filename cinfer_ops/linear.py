@@ -34,6 +34,9 @@ from cinfer_ops.silu_mul import silu_mul_reference, silu_mul_triton
 
 # Rows of x up to which the streaming kernel can run (its tensor-core tile height).
 MAX_STREAM_ROWS = 16
+# Columns per partial sum of squares in cinfer::linear_add_rms_stats' sumsq (every config's block_n is a multiple).
+STATS_CHUNK = 16
+_STATS_CHUNK = tl.constexpr(STATS_CHUNK)
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,10 @@ def pick_linear_config(rows: int, n: int, k: int, device: torch.device | None = 
 @triton.jit(do_not_specialize=["M", "early_from"])
 def _stream_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, early_from,
+    residual_ptr, norm_w_ptr, new_residual_ptr, sumsq_ptr, stride_rm, num_parts, eps,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, FP32_IEEE: tl.constexpr, GATED: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    ADD_RMS_STATS: tl.constexpr, RMS_SCALE: tl.constexpr, PARTS_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # The K loop is software-pipelined num_stages deep (a launch option).
     # Program p computes out[:, p*BLOCK_N : (p+1)*BLOCK_N] as (W[rows] @ x^T)^T. Weight rows past N (the last
@@ -130,6 +134,12 @@ def _stream_linear_kernel(
     # GATED: the weight has 2N rows, gate rows [0, N) then up rows [N, 2N), and out[:, j] = silu(gate_j) * up_j.
     # Program p takes output columns [p*H, (p+1)*H), H = BLOCK_N // 2: its tile's first H rows are their gate
     # rows, the last H their up rows, so the K loop is the plain kernel's and only the epilogue differs.
+    # ADD_RMS_STATS (cinfer::linear_add_rms_stats, not GATED): the epilogue adds the residual (new_residual = y +
+    # residual, y rounded first), writes norm_weight * new_residual to out and each STATS_CHUNK columns' sum of
+    # squares of new_residual to sumsq [M, num_parts].
+    # RMS_SCALE (cinfer::rms_stats_linear): x is such a norm_weight * h; the accumulator is scaled by
+    # rstd = rsqrt(sum(sumsq[m, :]) / K + eps) after the loop (1 where sumsq[m] is negative: x is normalized), so
+    # the K loop is the plain kernel's.
     rows_m = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
     m_ok = rows_m < M
@@ -147,6 +157,16 @@ def _stream_linear_kernel(
     if tl.program_id(0) >= early_from:
         pdl_launch_dependents(USE_PDL)
     pdl_wait(USE_PDL)  # x comes from the previous kernel
+    if RMS_SCALE:
+        # Loaded before the loop, so its latency hides behind the weight stream, and reduced after it: reduced
+        # here, every warp would wait for it before issuing its first weight loads (Llama-3-8B batch 1 on an
+        # H100: 5.54 ms a step against 5.57, RESULTS.md run DP).
+        parts = tl.arange(0, PARTS_BLOCK)
+        sumsq = tl.load(sumsq_ptr + rows_m[:, None] * num_parts + parts[None, :],
+                        mask=m_ok[:, None] & (parts < num_parts)[None, :], other=0.0)
+    if ADD_RMS_STATS:
+        residual = tl.load(residual_ptr + rows_m.to(tl.int64)[None, :] * stride_rm + rows_n[:, None],
+                           mask=n_ok[:, None] & m_ok[None, :], other=0.0)
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]        # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows_m.to(tl.int64)[None, :] * stride_xm + ks[:, None]        # [BLOCK_K, BLOCK_M]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -168,6 +188,10 @@ def _stream_linear_kernel(
         x_ptrs += BLOCK_K
     if tl.program_id(0) < early_from:
         pdl_launch_dependents(USE_PDL)
+    if RMS_SCALE:
+        # A negative entry marks a row that is already normalized (cinfer_ops.norm_linear).
+        rstd = tl.where(tl.min(sumsq, axis=1) < 0, 1.0, tl.rsqrt(tl.maximum(tl.sum(sumsq, axis=1), 0.0) / K + eps))  # [BLOCK_M]
+        acc = acc * rstd[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     dtype = out_ptr.dtype.element_ty
@@ -181,6 +205,21 @@ def _stream_linear_kernel(
         out_cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
         out_ptrs = out_ptr + rows_m.to(tl.int64)[None, :] * stride_om + out_cols[:, None]
         tl.store(out_ptrs, result, mask=(out_cols < N)[:, None] & m_ok[None, :])
+    elif ADD_RMS_STATS:
+        # The residual add's rounding, then the norm's: new_residual in the dtype, its squares in fp32. Rows past
+        # N hold zeros (weight and residual loaded as zero), so they add nothing to their chunk's sum.
+        ok = n_ok[:, None] & m_ok[None, :]
+        h = (acc.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
+        tl.store(new_residual_ptr + rows_m.to(tl.int64)[None, :] * stride_om + rows_n[:, None], h, mask=ok)
+        hf = h.to(tl.float32)
+        g = tl.load(norm_w_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)
+        out_ptrs = out_ptr + rows_m.to(tl.int64)[None, :] * stride_om + rows_n[:, None]
+        tl.store(out_ptrs, (g[:, None] * hf).to(dtype), mask=ok)
+        CHUNKS: tl.constexpr = BLOCK_N // _STATS_CHUNK
+        sq = tl.sum(tl.reshape(hf * hf, (CHUNKS, _STATS_CHUNK, BLOCK_M)), axis=1)  # [CHUNKS, BLOCK_M]
+        chunk = tl.program_id(0) * CHUNKS + tl.arange(0, CHUNKS)
+        tl.store(sumsq_ptr + rows_m[None, :] * num_parts + chunk[:, None], sq,
+                 mask=(chunk < num_parts)[:, None] & m_ok[None, :])
     else:
         out_ptrs = out_ptr + rows_m.to(tl.int64)[None, :] * stride_om + rows_n[:, None]
         tl.store(out_ptrs, acc.to(dtype), mask=n_ok[:, None] & m_ok[None, :])
@@ -217,6 +256,49 @@ def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
     """The streaming kernel for x: [..., K] with at most ``MAX_STREAM_ROWS`` rows, weight [N, K] (unit stride along
     K), bias [N] or None; one dtype of bf16/fp16/fp32. Returns a contiguous [..., N].
     ``gated``: ``linear_silu_mul`` instead, a contiguous [..., N // 2] (the weight stacks gate rows, then up rows)."""
+    return _stream(x, weight, bias, config, gated=gated)[0]
+
+
+def linear_add_rms_stats_triton(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor,
+                                norm_weight: Tensor, *, config: LinearConfig | None = None
+                                ) -> tuple[Tensor, Tensor, Tensor]:
+    """The streaming kernel of ``cinfer::linear_add_rms_stats`` (its operands as there; x of at most
+    ``MAX_STREAM_ROWS`` rows). Returns (scaled, new_residual, sumsq), contiguous."""
+    return _stream(x, weight, bias, config, add_rms=(residual, norm_weight))
+
+
+def rms_stats_linear_triton(x: Tensor, sumsq: Tensor, eps: float, weight: Tensor, bias: Tensor | None, *,
+                            config: LinearConfig | None = None, gated: bool = False) -> Tensor:
+    """The streaming kernel of ``cinfer::rms_stats_linear`` (``gated``: ``cinfer::rms_stats_linear_silu_mul``),
+    its operands as there; x of at most ``MAX_STREAM_ROWS`` rows. Returns a contiguous output."""
+    return _stream(x, weight, bias, config, gated=gated, rms_scale=(sumsq, eps))[0]
+
+
+def stats_parts(hidden: int) -> int:
+    """The number of partial sums of squares a row of ``hidden`` columns has in ``sumsq``."""
+    return triton.cdiv(hidden, STATS_CHUNK)
+
+
+def check_add_rms(x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor) -> None:
+    n = weight.shape[0]
+    if residual.shape != (*x.shape[:-1], n) or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} {residual.device} must be "
+                         f"{(*x.shape[:-1], n)} {x.dtype} {x.device} (x's rows by weight's out_features)")
+    if norm_weight.shape != (n,) or norm_weight.device != x.device:
+        raise ValueError(f"norm_weight {tuple(norm_weight.shape)} on {norm_weight.device} must be [{n}] on "
+                         f"{x.device} (weight's out_features)")
+
+
+def check_rms_scale(x: Tensor, sumsq: Tensor) -> None:
+    parts = stats_parts(x.shape[-1])
+    if sumsq.shape != (*x.shape[:-1], parts) or sumsq.dtype != torch.float32 or sumsq.device != x.device:
+        raise ValueError(f"sumsq {tuple(sumsq.shape)} {sumsq.dtype} {sumsq.device} must be float32 "
+                         f"{(*x.shape[:-1], parts)} on {x.device} (x's rows by ceil(in_features / {STATS_CHUNK}))")
+
+
+def _stream(x: Tensor, weight: Tensor, bias: Tensor | None, config: LinearConfig | None, *, gated: bool = False,
+            add_rms: tuple[Tensor, Tensor] | None = None, rms_scale: tuple[Tensor, float] | None = None
+            ) -> tuple[Tensor, ...]:
     _check(x, weight, bias)
     if gated:
         _check_gated(weight)
@@ -227,24 +309,50 @@ def linear_stream_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
     m = x2.shape[0]
     if m > MAX_STREAM_ROWS:
         raise ValueError(f"the streaming kernel takes at most {MAX_STREAM_ROWS} rows, got {m}")
+    config = config or DEFAULT_LINEAR_CONFIG
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    outs = [out]
+    # Unused pointers of a variant stand in as `out`.
+    residual = norm_weight = new_residual = sumsq = out
+    stride_rm, parts, eps = 0, 1, 0.0
+    if add_rms is not None:
+        residual, norm_weight = add_rms
+        check_add_rms(x, weight, residual, norm_weight)
+        if gated or config.block_n % STATS_CHUNK:
+            raise ValueError(f"linear_add_rms_stats streams a plain weight with block_n a multiple of "
+                             f"{STATS_CHUNK}, got gated={gated}, {config}")
+        residual = residual.reshape(m, n)
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+        stride_rm, parts = residual.stride(0), stats_parts(n)
+        norm_weight = norm_weight.contiguous()
+        new_residual = torch.empty_like(out)
+        sumsq = torch.empty((m, parts), dtype=torch.float32, device=x.device)
+        outs += [new_residual, sumsq]
+    if rms_scale is not None:
+        sumsq, eps = rms_scale
+        check_rms_scale(x, sumsq)
+        parts = stats_parts(k)
+        sumsq = sumsq.reshape(m, parts).contiguous()
     if m and n:
-        config = config or DEFAULT_LINEAR_CONFIG
         columns = config.block_n // 2 if gated else config.block_n  # output columns per program
         programs = triton.cdiv(n, columns)
         launch(_stream_linear_kernel, (programs,),
             x2, weight, bias if bias is not None else weight, out, m, n, k,
             x2.stride(0), weight.stride(0), out.stride(0), _early_from(programs, x.device),
+            residual, norm_weight, new_residual, sumsq, stride_rm, parts, eps,
             HAS_BIAS=bias is not None, BLOCK_M=MAX_STREAM_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN_K=k % config.block_k == 0, UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
-            FP32_IEEE=x.dtype == torch.float32, GATED=gated,
+            FP32_IEEE=x.dtype == torch.float32, GATED=gated, ADD_RMS_STATS=add_rms is not None,
+            RMS_SCALE=rms_scale is not None, PARTS_BLOCK=triton.next_power_of_2(parts),
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_options(x.device),
         )
-    return out.view(*x.shape[:-1], n)
+    lead = x.shape[:-1]
+    return tuple([out.view(*lead, n)] + [t.view(*lead, t.shape[-1]) for t in outs[1:]])
 
 
 @torch.library.custom_op("cinfer::linear", mutates_args=(), device_types="cpu")

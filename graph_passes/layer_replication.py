@@ -148,58 +148,45 @@ class LayerReplication:
         if set(template_outputs) != set(first_outputs.values()):
             raise RuntimeError("layer replication: layers 0 and 1 return different outputs")
 
-        # How each input of layer 1's call maps to layer k's.
+        # How each input of layer 1's call maps to layer k's. A layer's piece may read the layer before it's
+        # parameters too (norm_linear_pass: layer k computes layer k-1's down_proj): offset -1.
         plan = []
         for arg in template.args:
             if not isinstance(arg, fx.Node):
                 plan.append(("shared", arg))
             elif arg in first_outputs:
                 plan.append(("previous", first_outputs[arg]))
-            elif arg.op == "placeholder" and isinstance(values.get(arg), Tensor):
-                value = values[arg]
-                name = self._param_names.get(id(value))
-                if value is k_caches[1] or value is v_caches[1]:
-                    plan.append(("cache", "k" if value is k_caches[1] else "v"))
-                elif name is not None and name.startswith(prefix):
-                    plan.append(("parameter", name[len(prefix):]))
-                elif name is not None and ".layers." in name:
-                    raise RuntimeError(f"layer replication: layer 1 reads another layer's parameter {name}")
-                else:
-                    plan.append(("shared", arg))
-            elif arg.op == "get_attr":
-                group = self._stacked_group(getattr(split, arg.target), prefix)
-                if group is None:
-                    raise RuntimeError(f"layer replication: no layer-1 parameters behind {arg.target}")
-                plan.append(("stacked", tuple(group)))
+            elif arg.op == "placeholder" and values.get(arg) is k_caches[1]:
+                plan.append(("cache", "k"))
+            elif arg.op == "placeholder" and values.get(arg) is v_caches[1]:
+                plan.append(("cache", "v"))
             else:
-                plan.append(("shared", arg))
+                plan.append(self._parameter_plan(split, arg, values, {1: 0, 0: -1}, "layer 1"))
+        # The epilogue reads layer 1's parameters as the last layer's (the final norm's statistics in layer 1's
+        # down_proj): they become layer N-1's.
+        epilogue_plan = [self._parameter_plan(split, arg, values, {1: 0}, "the epilogue")
+                         if isinstance(arg, fx.Node) else ("shared", arg) for arg in epilogue.args]
 
         self._set_caches(split)
         previous = template_outputs
         with graph.inserting_before(epilogue):
             for layer in range(TRACED_LAYERS, self.num_layers):
-                layer_prefix = f"model.layers.{layer}."
                 args = []
                 for kind, what in plan:
                     if kind == "previous":
                         args.append(previous[what])
                     elif kind == "cache":
                         args.append(graph.get_attr(f"cinfer_{what}_cache_{layer}"))
-                    elif kind == "parameter":
-                        attr = f"cinfer_layer_{layer}_" + re.sub(r"\W", "_", what)
-                        split.register_buffer(attr, self.model.get_parameter(layer_prefix + what), persistent=False)
-                        args.append(graph.get_attr(attr))
-                    elif kind == "stacked":
-                        attr = f"cinfer_layer_{layer}_stacked_" + re.sub(r"\W", "_", what[0])
-                        stacked, _ = stacked_parameters([self.model.get_parameter(layer_prefix + n) for n in what])
-                        split.register_buffer(attr, stacked, persistent=False)
-                        args.append(graph.get_attr(attr))
-                    else:
+                    elif kind == "shared":
                         args.append(what)
+                    else:
+                        args.append(self._bind(split, kind, what, layer))
                 # runs layer 1's compiled piece, which layer_split put in the instance dict over the submodule
                 call = graph.create_node("call_module", template.target, tuple(args))
                 previous = ({None: call} if None in template_outputs else
                             {index: graph.call_function(operator.getitem, (call, index)) for index in template_outputs})
+            epilogue.args = tuple(arg if kind == "shared" else self._bind(split, kind, what, self.num_layers - 1)
+                                  for arg, (kind, what) in zip(epilogue.args, epilogue_plan))
         # Layer 1's outputs now feed layer 2 only; whatever read them after it (the epilogue) reads layer N-1's.
         last = {template_outputs[index]: node for index, node in previous.items()}
         node = epilogue
@@ -210,3 +197,42 @@ class LayerReplication:
         split.recompile()
         self._graphs.append(split)
         return self.num_layers - TRACED_LAYERS
+
+    def _parameter_plan(self, split: fx.GraphModule, arg: fx.Node, values: dict, offsets: dict[int, int],
+                        reader: str) -> tuple:
+        """How a piece's input maps to another layer's: ("parameter", (offset, name)) for a parameter of a traced
+        layer ``i`` in ``offsets`` (then the call for layer k reads layer k + offsets[i]'s), ("stacked", (offset,
+        names)) for projections the projection pass stacked, ("shared", arg) for anything not of a layer."""
+        if arg.op == "placeholder" and isinstance(values.get(arg), Tensor):
+            name = self._param_names.get(id(values[arg]))
+            for layer, offset in offsets.items():
+                prefix = f"model.layers.{layer}."
+                if name is not None and name.startswith(prefix):
+                    return "parameter", (offset, name[len(prefix):])
+            if name is not None and ".layers." in name:
+                raise RuntimeError(f"layer replication: {reader} reads another layer's parameter {name}")
+        elif arg.op == "get_attr":
+            for layer, offset in offsets.items():
+                group = self._stacked_group(getattr(split, arg.target), f"model.layers.{layer}.")
+                if group is not None:
+                    return "stacked", (offset, tuple(group))
+            if reader == "layer 1":
+                raise RuntimeError(f"layer replication: no layer-1 parameters behind {arg.target}")
+        return "shared", arg
+
+    def _bind(self, split: fx.GraphModule, kind: str, what: tuple, layer: int) -> fx.Node:
+        """A get_attr of layer ``layer + offset``'s parameter (or stacked projections) for a call of layer
+        ``layer``'s piece (or the epilogue's: the last layer)."""
+        offset, names = what
+        source = layer + offset
+        layer_prefix = f"model.layers.{source}."
+        if kind == "parameter":
+            attr = f"cinfer_layer_{source}_" + re.sub(r"\W", "_", names)
+            if attr not in split._buffers:
+                split.register_buffer(attr, self.model.get_parameter(layer_prefix + names), persistent=False)
+        else:
+            attr = f"cinfer_layer_{source}_stacked_" + re.sub(r"\W", "_", names[0])
+            if attr not in split._buffers:
+                stacked, _ = stacked_parameters([self.model.get_parameter(layer_prefix + n) for n in names])
+                split.register_buffer(attr, stacked, persistent=False)
+        return split.graph.get_attr(attr)

@@ -16,7 +16,10 @@ Order (each pass is a plain ``GraphModule -> int`` function in its own module):
    ``cinfer.silu_mul`` (a kernel launched like the others, with programmatic dependent launch)
 8. ``linear_silu_mul``     (``silu_mul_pass.fuse_linear_silu_mul``)         -- needs 5, 6 and 7: ``cinfer.silu_mul``
    of the two halves of a fused gate/up ``cinfer.linear`` -> ``cinfer.linear_silu_mul`` (one streaming kernel)
-9. ``rope_attention``      (``rope_attention_pass.fuse_rope_attention``)    -- only for a paged graph; needs 2's
+9. ``norm_split``          (``norm_linear_pass.split_norms``)               -- needs 4, 6 and 8: a
+   ``cinfer.fused_add_rms_norm`` between a ``cinfer.linear`` and the projections of its output ->
+   ``cinfer.linear_add_rms_stats`` + ``cinfer.rms_stats_linear[_silu_mul]`` (no norm kernel between them)
+10. ``rope_attention``     (``rope_attention_pass.fuse_rope_attention``)    -- only for a paged graph; needs 2's
    ``cinfer.rope_kv_cache_write``: it and the layer's ``cinfer.paged_attention`` -> ``cinfer.rope_paged_attention``
    (at decode one kernel); last, so no later pass sees the fused op
 
@@ -38,6 +41,7 @@ from graph_passes.fuse_projections_pass import fuse_projections
 from graph_passes.fused_add_rms_norm_pass import fuse_add_rms_norm
 from graph_passes.fx_utils import is_op, passes_deferred
 from graph_passes.linear_pass import route_linears
+from graph_passes.norm_linear_pass import split_norms
 from graph_passes.paged_inputs import PagedInputs
 from graph_passes.rms_norm_pass import fuse_rms_norm
 from graph_passes.rope_attention_pass import fuse_rope_attention
@@ -47,7 +51,7 @@ from graph_passes.silu_mul_pass import fuse_linear_silu_mul, fuse_silu_mul
 logger = logging.getLogger(__name__)
 
 PASS_ORDER = ("attention", "rope", "rms_norm", "fused_add_rms_norm", "fuse_projections", "linear", "silu_mul",
-              "linear_silu_mul", "rope_attention")
+              "linear_silu_mul", "norm_split", "rope_attention")
 
 
 def model_class_name(gm: fx.GraphModule) -> str:
@@ -115,6 +119,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: list | None = None, *, num_la
         report["linear"] = route_linears(gm)
         report["silu_mul"] = fuse_silu_mul(gm)
         report["linear_silu_mul"] = fuse_linear_silu_mul(gm)
+        report["norm_split"] = split_norms(gm)
         report["rope_attention"] = _optional_pass(fuse_rope_attention, gm, model_name, num_layers,
                                                   "RoPE/cache write fused with attention",
                                                   "the others keep two ops") if paged else 0

@@ -17,7 +17,8 @@ def _assert_rewritten(paged, num_layers: int) -> None:
     assert paged.report == {"attention": num_layers, "rope": num_layers, "rms_norm": 2 * num_layers + 1,
                             "fused_add_rms_norm": 2 * num_layers, "fuse_projections": 2 * num_layers,
                             "linear": 4 * num_layers + 1, "silu_mul": num_layers,
-                            "linear_silu_mul": num_layers, "rope_attention": num_layers}
+                            "linear_silu_mul": num_layers, "norm_split": 2 * num_layers,
+                            "rope_attention": num_layers}
     before, after = paged.ops_before, op_counts(paged.graph_module)
     assert before["rsqrt"] == 2 * num_layers + 1
     assert before["sdpa"] + before["softmax"] == num_layers
@@ -32,7 +33,9 @@ def _assert_rewritten(paged, num_layers: int) -> None:
     assert after["cinfer.kv_cache_write.default"] == 0
     assert before["neg"] == 2 * num_layers and after["neg"] == 0
     assert after["cat"] == before["cat"] - 2 * num_layers == 1
-    assert after["cinfer.fused_add_rms_norm.default"] == 2 * num_layers
+    # Every norm after a projection is split into it and the projections after it (lm_head's through the rows it
+    # reads); the first (after the embedding) stays a norm.
+    assert after["cinfer.fused_add_rms_norm.default"] == 0
     assert after["cinfer.rms_norm.default"] == 1
     assert after["cinfer_graph.bind_paged_inputs.default"] == 0
     # rope_paged_attention takes q, k and v as views of the fused qkv projection's output: no copy is asked for.
@@ -40,11 +43,16 @@ def _assert_rewritten(paged, num_layers: int) -> None:
         if node.target is torch.ops.cinfer.rope_paged_attention.default:
             for operand in node.args[:3]:
                 assert _projection_view(operand), operand.format_node()
-    # per layer q/k/v -> one linear, gate/up -> one linear; o_proj, down_proj and lm_head stay; all become
-    # cinfer.linear, except gate/up, which becomes one cinfer.linear_silu_mul with the activation
+    # per layer q/k/v -> one linear, gate/up -> one linear; o_proj, down_proj and lm_head stay. o_proj and
+    # down_proj take the residual add and the next norm's statistics; the projections after them (q/k/v but the
+    # first layer's, gate/up with its activation, lm_head) take the norm's scaling; the first q/k/v stays
+    # cinfer.linear.
     assert before["linear"] == 7 * num_layers + 1 and after["linear"] == 0
-    assert after["cinfer.linear.default"] == 3 * num_layers + 1
-    assert after["cinfer.linear_silu_mul.default"] == num_layers
+    assert after["cinfer.linear_add_rms_stats.default"] == 2 * num_layers
+    assert after["cinfer.rms_stats_linear.default"] == num_layers
+    assert after["cinfer.rms_stats_linear_silu_mul.default"] == num_layers
+    assert after["cinfer.linear.default"] == 1
+    assert after["cinfer.linear_silu_mul.default"] == 0
     assert after["cinfer.silu_mul.default"] == 0
     assert before["silu"] == num_layers and after["silu"] == 0
     # HF's causal-mask construction (packed-sequence detection from positions, the mask itself) is dead and gone.

@@ -24,6 +24,13 @@ CINFER_OPS = {torch.ops.cinfer.rope_kv_cache_write.default, torch.ops.cinfer.kv_
               torch.ops.cinfer.fused_add_rms_norm.default, torch.ops.cinfer.linear.default,
               torch.ops.cinfer.linear_silu_mul.default}
 LINEAR_SILU_MUL = torch.ops.cinfer.linear_silu_mul.default
+RMS_STATS_LINEAR = torch.ops.cinfer.rms_stats_linear.default
+RMS_STATS_LINEAR_SILU_MUL = torch.ops.cinfer.rms_stats_linear_silu_mul.default
+
+
+def _weight(node):
+    """A projection node's weight (after x, or after x, sumsq and eps for a split norm's projection)."""
+    return node.args[3] if node.target in (RMS_STATS_LINEAR, RMS_STATS_LINEAR_SILU_MUL) else node.args[1]
 LAYOUT_METHODS = {"squeeze", "unsqueeze", "transpose", "contiguous"}
 
 
@@ -90,7 +97,8 @@ def test_removed_nodes_never_get_a_value(monkeypatch):
     """Under the pass manager, the attention pass's token-major copies of q and k (replaced by the RoPE pass) are
     removed before anything reads them, so their fake values are never computed; each other value once. (The last
     pass fuses each layer's rope_kv_cache_write and paged_attention, whose values the linear pass needed first: the
-    o projection's input is the attention's output.)"""
+    o projection's input is the attention's output; likewise the norm split pass removes norms after the linear pass
+    read their outputs.)"""
     gm, model = _captured()
     inserted, computed = [], []
     set_fake, compute = fx_utils.set_fake, fx_utils._compute_fake
@@ -109,7 +117,9 @@ def test_removed_nodes_never_get_a_value(monkeypatch):
     report = pass_manager.run_passes(gm, num_layers=model.config.num_hidden_layers)
     assert report["rope"] == model.config.num_hidden_layers
     alive = set(gm.graph.nodes)
-    fused_away = (torch.ops.cinfer.rope_kv_cache_write.default, torch.ops.cinfer.paged_attention.default)
+    # (the norm split pass removes norms whose outputs the linear pass read: the projections' inputs)
+    fused_away = (torch.ops.cinfer.rope_kv_cache_write.default, torch.ops.cinfer.paged_attention.default,
+                  torch.ops.cinfer.fused_add_rms_norm.default, operator.getitem)
     assert report["rope_attention"] == model.config.num_hidden_layers
     removed = [n for n in inserted if n not in alive and n.target not in fused_away]
     assert len(removed) >= 6 * model.config.num_hidden_layers  # q and k: squeeze, transpose, contiguous
@@ -154,15 +164,17 @@ def test_fused_projection_values_are_linears(variant):
     paged = compile_model(model, *make_caches(model), inner_backend="eager")
     run_scenario(model, paged, LOGITS)
     gm = paged.graph_module
-    fused = [n for n in gm.graph.nodes if n.target in (torch.ops.cinfer.linear.default, LINEAR_SILU_MUL)
-             and n.args[1].op == "get_attr" and n.args[1].target.startswith(CONSTANT_PREFIX)]
+    projections = (torch.ops.cinfer.linear.default, LINEAR_SILU_MUL, RMS_STATS_LINEAR, RMS_STATS_LINEAR_SILU_MUL)
+    fused = [n for n in gm.graph.nodes if n.target in projections
+             and _weight(n).op == "get_attr" and _weight(n).target.startswith(CONSTANT_PREFIX)]
     assert len(fused) == 2 * paged.traced_layers  # the layers Dynamo traced (layer_replication)
     values = []
     for node in fused:
-        x, weight, bias = (a.meta["example_value"] if isinstance(a, torch.fx.Node) else a for a in node.args)
-        with x.fake_mode, enable_python_dispatcher():
-            # (gate/up with its activation: the op's own fake kernel, a fresh contiguous [..., I])
-            expected = LINEAR_SILU_MUL(x, weight, bias) if node.target is LINEAR_SILU_MUL else F.linear(x, weight, bias)
+        args = [a.meta["example_value"] if isinstance(a, torch.fx.Node) else a for a in node.args]
+        with args[0].fake_mode, enable_python_dispatcher():
+            # (gate/up with its activation, and the projections of a split norm: the op's own fake kernel, a fresh
+            # contiguous output)
+            expected = F.linear(*args) if node.target is torch.ops.cinfer.linear.default else node.target(*args)
         value = node.meta["example_value"]
         _assert_same_layout(value, expected, node.name)
         assert value.requires_grad == expected.requires_grad and value.storage_offset() == 0

@@ -115,7 +115,10 @@ def test_pieces_follow_the_layers(monkeypatch):
     ops = {n: part for n, part in parts.items() if n.op == "call_function"}
     assert {ops[n] for n in ops if is_op(n, "cinfer.rope_paged_attention.default")} == {1, 2, 3}
     assert [part for n, part in ops.items() if is_op(n, "embedding")] == [0]
-    assert [part for n, part in ops.items() if is_op(n, "cinfer.linear.default")][-1] == 4  # lm_head: the epilogue
+    # lm_head is the epilogue's, and so is the last layer's down_proj (with the final norm's statistics); each
+    # layer's but the first computes the down_proj of the layer before it
+    assert [part for n, part in ops.items() if is_op(n, "cinfer.rms_stats_linear.default")][-1] == 4
+    assert [part for n, part in ops.items() if is_op(n, "cinfer.linear_add_rms_stats.default")] == [1, 2, 2, 3, 3, 4]
 
 
 @pytest.mark.parametrize("path, layer", [("L['model'].model.layers.3.self_attn", 3), ("model.layers[12].mlp", 12),
