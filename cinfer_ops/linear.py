@@ -190,7 +190,8 @@ def _stream_linear_kernel(
         pdl_launch_dependents(USE_PDL)
     if RMS_SCALE:
         # A negative entry marks a row that is already normalized (cinfer_ops.norm_linear).
-        rstd = tl.where(tl.min(sumsq, axis=1) < 0, 1.0, tl.rsqrt(tl.maximum(tl.sum(sumsq, axis=1), 0.0) / K + eps))  # [BLOCK_M]
+        rstd = tl.rsqrt(tl.maximum(tl.sum(sumsq, axis=1), 0.0) / K + eps)  # [BLOCK_M]
+        rstd = tl.where(tl.min(sumsq, axis=1) < 0, 1.0, rstd)
         acc = acc * rstd[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cinfer_ops.linear import (
-    _DTYPES, MAX_STREAM_ROWS, STATS_CHUNK, LinearConfig, _check, _check_gated, check_add_rms, check_rms_scale, linear_add_rms_stats_triton,
-    linear_reference, pick_linear_config, rms_stats_linear_triton, stats_parts,
+    _DTYPES, MAX_STREAM_ROWS, STATS_CHUNK, LinearConfig, _check, _check_gated, check_add_rms, check_rms_scale,
+    linear_add_rms_stats_triton, linear_reference, pick_linear_config, rms_stats_linear_triton, stats_parts,
 )
 from cinfer_ops.rms_norm import add_rms_stats_triton, rms_norm_reference, rms_scale_triton
 from cinfer_ops.silu_mul import silu_mul_reference, silu_mul_triton

@@ -123,17 +123,18 @@ def split_norms(gm: fx.GraphModule, rejected: list[str] | None = None) -> int:
             set_fake(node)
         scaled, new_residual, sumsq = parts
         for rows, consumers in readers:
-            x, stats = scaled, sumsq
+            x, x_sumsq = scaled, sumsq
             if rows is not None:  # the same rows of both
                 with gm.graph.inserting_before(rows):
-                    x, stats = (gm.graph.call_function(operator.getitem, (value, rows.args[1])) for value in parts[::2])
-                for node in (x, stats):
+                    x, x_sumsq = (gm.graph.call_function(operator.getitem, (value, rows.args[1]))
+                                  for value in (scaled, sumsq))
+                for node in (x, x_sumsq):
                     node.meta.update({k: v for k, v in rows.meta.items() if k in ("nn_module_stack", "stack_trace")})
                     set_fake(node)
             for consumer in consumers:
                 _, w2, b2 = consumer.args
                 with gm.graph.inserting_before(consumer):
-                    fused = gm.graph.call_function(_CONSUMERS[consumer.target], (x, stats, eps, w2, b2))
+                    fused = gm.graph.call_function(_CONSUMERS[consumer.target], (x, x_sumsq, eps, w2, b2))
                 fused.meta.update(consumer.meta)  # the same value
                 consumer.replace_all_uses_with(fused)
                 gm.graph.erase_node(consumer)

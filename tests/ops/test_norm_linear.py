@@ -102,8 +102,7 @@ def test_rms_stats_linear_kernel_matches_float64_reference(m, n, k, dtype, bias,
     assert_close(out, expected, GATED_MATMUL if gated else MATMUL, dtype, msg=f"{config}")
 
 
-@pytest.mark.parametrize("rows", [1, 5, 1100])  # both regimes of rms_norm_launch_params
-@pytest.mark.parametrize("hidden", [8, 40, 96])
+@pytest.mark.parametrize("rows, hidden", [(1, 8), (5, 40), (3, 96), (1100, 40)])  # 1100: rms_norm's many-rows variant
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fallback_kernels_match_float64_reference(rows, hidden, dtype):
     """The statistics and scaling kernels of the cuBLAS path (more rows than the streaming kernel takes)."""
@@ -114,6 +113,7 @@ def test_fallback_kernels_match_float64_reference(rows, hidden, dtype):
     assert_close(h, y.double() + residual.double(), ELEMENTWISE, dtype)
     assert_close(scaled, g.double() * h.double(), ELEMENTWISE, dtype)
     torch.testing.assert_close(sumsq.double().cpu(), chunk_sumsq_f64(h).cpu(), atol=SUMSQ[0], rtol=SUMSQ[1])
+    scaled, h, sumsq = scaled[:9], h[:9], sumsq[:9]  # one program a row: a few rows are enough
     out = rms_scale_triton(scaled, sumsq, 1e-6)
     rstd = torch.rsqrt(chunk_sumsq_f64(h).sum(-1, keepdim=True) / hidden + 1e-6)
     assert out.shape == scaled.shape and out.dtype == dtype
@@ -123,8 +123,8 @@ def test_fallback_kernels_match_float64_reference(rows, hidden, dtype):
     expected, expected_h = torch.ops.cinfer.fused_add_rms_norm(y.cpu(), residual.cpu(), g.cpu(), 1e-6)
     assert_close(normed, expected, ELEMENTWISE, dtype)
     assert_close(h2, expected_h, ELEMENTWISE, dtype)
-    assert marks.shape == sumsq.shape and (marks == -1).all()
-    assert torch.equal(rms_scale_triton(normed, marks, 1e-6), normed)
+    assert marks.shape == (rows, sumsq.shape[-1]) and (marks == -1).all()
+    assert torch.equal(rms_scale_triton(normed[:9], marks[:9], 1e-6), normed[:9])
 
 
 def norm_then_linear_f64(y, residual, g, eps, w2, b2):
