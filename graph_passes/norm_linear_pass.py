@@ -19,7 +19,9 @@ anything else keep their norm op. Like the other fusions this is an optimisation
 
 The split moves a layer boundary: ``linear_add_rms_stats`` takes the norm's place, so the node that computes
 layer i's ``down_proj`` is layer i + 1's (or the epilogue's, for the final norm) and reads layer i's weight;
-``layer_split`` and ``layer_replication`` follow it (a layer's piece reads its predecessor's ``down_proj``).
+``layer_split`` and ``layer_replication`` follow it (a layer's piece reads its predecessor's ``down_proj``). So
+norms between layers are split all or none: if one of them cannot be (a final norm read by something other than
+``lm_head``), only the norms within a layer are.
 """
 import logging
 import operator
@@ -29,6 +31,7 @@ from torch import fx
 
 import cinfer_ops  # noqa: F401  (registers the ops)
 from graph_passes.fx_utils import fake, finish_pass, set_fake
+from graph_passes.layer_split import node_layer
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +101,32 @@ def _match(norm: fx.Node) -> tuple | str:
     return y, items, readers
 
 
+def _within_layer(norm: fx.Node) -> bool:
+    """Whether ``norm`` and the projection before it were traced in one decoder layer (a post-attention norm),
+    not in two (the next layer's input norm, the final norm)."""
+    y = norm.args[0]
+    layer = node_layer(norm)
+    return layer is not None and isinstance(y, fx.Node) and node_layer(y) == layer
+
+
 def split_norms(gm: fx.GraphModule, rejected: list[str] | None = None) -> int:
     """Rewrite each site of ``gm`` in place; returns how many. ``rejected`` collects why the other
     ``fused_add_rms_norm`` nodes were left alone."""
     if not SPLIT_NORMS:
         return 0
     count = 0
-    for norm in [n for n in gm.graph.nodes if n.target is torch.ops.cinfer.fused_add_rms_norm.default]:
-        match = _match(norm)
+    norms = [n for n in gm.graph.nodes if n.target is torch.ops.cinfer.fused_add_rms_norm.default]
+    matches = {norm: _match(norm) for norm in norms}
+    # A split norm between two layers moves their boundary; layer pieces stay alike (layer_replication runs layer
+    # 1's piece for the later ones) only if every such norm moves it, so one that cannot be split keeps them all.
+    between = [norm for norm in norms if not _within_layer(norm)]
+    kept = [norm.name for norm in between if isinstance(matches[norm], str)]
+    if kept:
+        for norm in between:
+            if not isinstance(matches[norm], str):
+                matches[norm] = f"between layers, and {kept[0]} (between layers too) cannot be split"
+    for norm in norms:
+        match = matches[norm]
         if isinstance(match, str):
             logger.debug("norm split: %s: %s, skipped", norm.name, match)
             if rejected is not None:

@@ -64,6 +64,32 @@ def test_replicated_layers_match_traced_ones(monkeypatch):
         assert not k.isnan().all()
 
 
+class _ScaledHead(torch.nn.Module):
+    """An lm_head that reads the final norm's output through a product: that norm cannot be split."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+        self.weight = head.weight
+
+    def forward(self, hidden_states):
+        return self.head(hidden_states * 0.5)
+
+
+def test_norms_between_layers_split_all_or_none():
+    """A final norm that cannot be split keeps every norm between layers (the next layer's input norms) too, so
+    the replicated layers' pieces still take and return what the traced ones do; the norms within a layer are
+    split, and the logits are HF's."""
+    model = make_model("llama3_gqa_rope_scaling", num_hidden_layers=4)
+    model.lm_head = _ScaledHead(model.lm_head)
+    paged = compile_model(model, *make_caches(model), inner_backend="eager")
+    run_scenario(model, paged, LOGITS)
+    assert paged.traced_layers == 2 and paged.split_report.pieces == 6
+    assert paged.report["norm_split"] == 2  # the two traced layers' post-attention norms
+    ops = [n for n in paged.graph_module.graph.nodes if n.op == "call_function"]
+    assert sum(is_op(n, "cinfer.fused_add_rms_norm.default") for n in ops) == 2
+
+
 def test_truncated_model_leaves_the_model_alone():
     model = make_model("mistral", num_hidden_layers=5)
     layers = list(model.model.layers)
