@@ -19,7 +19,9 @@ decode step per norm, two a layer (``benchmarks/RESULTS.md`` run BT). Since ``W2
   elementwise work on every x chunk and was slower than the norm kernel it removed.
 
 Rounding: HF rounds ``h * rstd`` to the dtype before multiplying by ``g``; here ``g * h`` is rounded and the
-product's accumulator is scaled, so results agree with HF to the dtype's rounding, not to the last bit.
+product's accumulator is scaled, so results agree with HF to the dtype's rounding, not to the last bit. Range: in
+fp16, ``g * h`` overflows where ``|g * h|`` passes 65504 (HF multiplies the normalized value instead); a residual
+stream that large is itself at the edge of fp16's range.
 
 More rows than the streaming kernel takes (``MAX_STREAM_ROWS``: prefill, large decode batches) run on cuBLAS,
 where splitting gains nothing: there ``linear_add_rms_stats`` returns the norm's output itself (HF's rounding, as

@@ -4,6 +4,8 @@ around it) and their kernels against independent float64 references.
 Inputs are random and never zero. What the kernels must not read (x, residual and sumsq rows past M, weight rows
 past N, the padding after each weight row, norm-weight and bias entries past N) is NaN.
 """
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -137,9 +139,15 @@ def norm_then_linear_f64(y, residual, g, eps, w2, b2):
 @pytest.mark.parametrize("device", OP_DEVICES)
 @pytest.mark.parametrize("m", [1, 3, MAX_STREAM_ROWS, MAX_STREAM_ROWS + 1, 40])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_norm_is_the_norm_between_two_projections(device, m, dtype):
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "cublas"])
+def test_split_norm_is_the_norm_between_two_projections(device, m, dtype, streamed, monkeypatch):
     """The two ops in a row compute HF's residual add, RMSNorm and the next projection (plain and gated), on both
-    sides of the streaming kernel's row limit, with a leading batch dim as in the compiled graph."""
+    sides of the streaming kernel's row limit, with a leading batch dim as in the compiled graph. ``cublas``: every
+    projection on cuBLAS (STREAM_ROWS = 0), so few rows take the statistics and scaling kernels instead."""
+    if not streamed:
+        if device != "cuda":
+            pytest.skip("the CPU implementation has one path")
+        monkeypatch.setattr(importlib.import_module("cinfer_ops.linear"), "STREAM_ROWS", 0)
     gen = torch.Generator().manual_seed(m)
     k, n, n2 = 136, 96, 72
     x, w, b = poisoned_operands(gen, m, n, k, dtype, True, 8, device)
