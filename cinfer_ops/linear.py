@@ -281,6 +281,8 @@ def stats_parts(hidden: int) -> int:
 
 
 def check_add_rms(x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor) -> None:
+    """Raise ValueError unless residual is [..., N] (x's leading dims) in x's dtype and device and norm_weight is
+    [N] on x's device, N = weight's out_features."""
     n = weight.shape[0]
     if residual.shape != (*x.shape[:-1], n) or residual.dtype != x.dtype or residual.device != x.device:
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} {residual.device} must be "
@@ -291,6 +293,8 @@ def check_add_rms(x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tens
 
 
 def check_rms_scale(x: Tensor, sumsq: Tensor) -> None:
+    """Raise ValueError unless sumsq is float32 [..., ceil(K / STATS_CHUNK)] (x's leading dims, K = x's last) on
+    x's device."""
     parts = stats_parts(x.shape[-1])
     if sumsq.shape != (*x.shape[:-1], parts) or sumsq.dtype != torch.float32 or sumsq.device != x.device:
         raise ValueError(f"sumsq {tuple(sumsq.shape)} {sumsq.dtype} {sumsq.device} must be float32 "
