@@ -100,11 +100,12 @@ def test_removed_nodes_never_get_a_value(monkeypatch):
     o projection's input is the attention's output; likewise the norm split pass removes norms after the linear pass
     read their outputs.)"""
     gm, model = _captured()
-    inserted, computed = [], []
+    inserted, computed, read_from = [], [], {}
     set_fake, compute = fx_utils.set_fake, fx_utils._compute_fake
 
     def recording_set_fake(node):
         inserted.append(node)
+        read_from[node] = node.args[0].target if node.target is operator.getitem else None  # (erasing clears args)
         set_fake(node)
 
     def recording_compute(node):
@@ -117,11 +118,13 @@ def test_removed_nodes_never_get_a_value(monkeypatch):
     report = pass_manager.run_passes(gm, num_layers=model.config.num_hidden_layers)
     assert report["rope"] == model.config.num_hidden_layers
     alive = set(gm.graph.nodes)
-    # (the norm split pass removes norms whose outputs the linear pass read: the projections' inputs)
+    # (the norm split pass removes norms, and their outputs' getitems, that the linear pass read: the projections'
+    # inputs)
     fused_away = (torch.ops.cinfer.rope_kv_cache_write.default, torch.ops.cinfer.paged_attention.default,
-                  torch.ops.cinfer.fused_add_rms_norm.default, operator.getitem)
+                  torch.ops.cinfer.fused_add_rms_norm.default)
     assert report["rope_attention"] == model.config.num_hidden_layers
-    removed = [n for n in inserted if n not in alive and n.target not in fused_away]
+    removed = [n for n in inserted if n not in alive and n.target not in fused_away
+               and read_from[n] not in fused_away]
     assert len(removed) >= 6 * model.config.num_hidden_layers  # q and k: squeeze, transpose, contiguous
     assert not set(removed) & set(computed), "a removed node had its fake value computed"
     assert len(computed) == len(set(computed)), "a fake value was computed twice"

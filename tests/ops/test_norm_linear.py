@@ -13,12 +13,10 @@ from hypothesis import given, strategies as st
 from cinfer_ops.linear import (MAX_STREAM_ROWS, STATS_CHUNK, LinearConfig, linear_add_rms_stats_triton,
                                rms_stats_linear_triton)
 from cinfer_ops.rms_norm import add_rms_stats_triton, rms_scale_triton
-from tests.conftest import HAS_CUDA, TRITON_DEVICE
-from tests.ops.test_linear import gated_f64, linear_f64, nonzero, poisoned_operands
+from tests.conftest import TRITON_DEVICE
+from tests.ops.test_linear import DTYPES, OP_DEVICES, configs, linear_f64, nonzero, poisoned_operands
 from tests.tolerances import ELEMENTWISE, GATED_MATMUL, LOGITS, MATMUL, assert_close
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-OP_DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
 # fp32 sums of squares: the summation order's error only
 SUMSQ = (1e-5, 1e-5)
 
@@ -47,10 +45,6 @@ def check_stats(scaled, h, sumsq, x, w, b, residual, g, dtype):
     assert_close(h, linear_f64(x, w, b) + residual.double(), MATMUL, dtype)
     assert_close(scaled, g.double() * h.double(), ELEMENTWISE, dtype)
     torch.testing.assert_close(sumsq.double().cpu(), chunk_sumsq_f64(h).cpu(), atol=SUMSQ[0], rtol=SUMSQ[1])
-
-
-configs = st.builds(LinearConfig, block_n=st.sampled_from([16, 32, 64]), block_k=st.sampled_from([16, 32, 64]),
-                    num_warps=st.sampled_from([1, 2, 4]), num_stages=st.sampled_from([1, 2, 3]))
 
 
 @given(m=st.integers(1, MAX_STREAM_ROWS), n=st.one_of(st.integers(1, 150), st.sampled_from([16, 64, 96])),
