@@ -46,11 +46,16 @@ def linear_f64(x, w, b):
 
 configs = st.builds(LinearConfig, block_n=st.sampled_from([16, 32, 64]), block_k=st.sampled_from([16, 32, 64]),
                     num_warps=st.sampled_from([1, 2, 4]), num_stages=st.sampled_from([1, 2, 3]))
+# The streaming kernel's cases (tests of its variants take these and add their own): rows, reduction length,
+# dtype, bias, tiling, seed; output columns, and padding rows of x (row_pads), drawn by each test.
+stream_cases = dict(m=st.integers(1, MAX_STREAM_ROWS), k=st.one_of(st.integers(1, 200), st.sampled_from([32, 64, 128])),
+                    dtype=st.sampled_from(DTYPES), bias=st.booleans(), config=configs,
+                    seed=st.integers(0, 2**31 - 1))
+stream_columns = st.one_of(st.integers(1, 150), st.sampled_from([16, 64, 96]))
+row_pads = st.sampled_from([0, 8])
 
 
-@given(m=st.integers(1, MAX_STREAM_ROWS), n=st.one_of(st.integers(1, 150), st.sampled_from([16, 64, 96])),
-       k=st.one_of(st.integers(1, 200), st.sampled_from([32, 64, 128])), dtype=st.sampled_from(DTYPES),
-       bias=st.booleans(), row_pad=st.sampled_from([0, 8]), config=configs, seed=st.integers(0, 2**31 - 1))
+@given(n=stream_columns, row_pad=row_pads, **stream_cases)
 def test_stream_kernel_matches_float64_reference(m, n, k, dtype, bias, row_pad, config, seed):
     gen = torch.Generator().manual_seed(seed)
     x, w, b = poisoned_operands(gen, m, n, k, dtype, bias, row_pad, TRITON_DEVICE)
@@ -180,9 +185,7 @@ def gated_f64(x, w, b):
     return gate / (1 + torch.exp(-gate)) * up
 
 
-@given(m=st.integers(1, MAX_STREAM_ROWS), half=st.one_of(st.integers(1, 80), st.sampled_from([8, 32, 48])),
-       k=st.one_of(st.integers(1, 200), st.sampled_from([32, 64, 128])), dtype=st.sampled_from(DTYPES),
-       bias=st.booleans(), row_pad=st.sampled_from([0, 8]), config=configs, seed=st.integers(0, 2**31 - 1))
+@given(half=st.one_of(st.integers(1, 80), st.sampled_from([8, 32, 48])), row_pad=row_pads, **stream_cases)
 def test_gated_stream_kernel_matches_float64_reference(m, half, k, dtype, bias, row_pad, config, seed):
     """Weight rows past 2 * half, padding columns and x rows past m are NaN (poisoned_operands)."""
     gen = torch.Generator().manual_seed(seed)

@@ -14,7 +14,8 @@ from cinfer_ops.linear import (MAX_STREAM_ROWS, STATS_CHUNK, LinearConfig, linea
                                rms_stats_linear_triton)
 from cinfer_ops.rms_norm import add_rms_stats_triton, rms_scale_triton
 from tests.conftest import TRITON_DEVICE
-from tests.ops.test_linear import DTYPES, OP_DEVICES, configs, linear_f64, nonzero, poisoned_operands
+from tests.ops.test_linear import (DTYPES, OP_DEVICES, linear_f64, nonzero, poisoned_operands, row_pads, stream_cases,
+                                   stream_columns)
 from tests.tolerances import ELEMENTWISE, GATED_MATMUL, LOGITS, MATMUL, assert_close
 
 # fp32 sums of squares: the summation order's error only
@@ -47,9 +48,7 @@ def check_stats(scaled, h, sumsq, x, w, b, residual, g, dtype):
     torch.testing.assert_close(sumsq.double().cpu(), chunk_sumsq_f64(h).cpu(), atol=SUMSQ[0], rtol=SUMSQ[1])
 
 
-@given(m=st.integers(1, MAX_STREAM_ROWS), n=st.one_of(st.integers(1, 150), st.sampled_from([16, 64, 96])),
-       k=st.one_of(st.integers(1, 200), st.sampled_from([32, 64, 128])), dtype=st.sampled_from(DTYPES),
-       bias=st.booleans(), row_pad=st.sampled_from([0, 8]), config=configs, seed=st.integers(0, 2**31 - 1))
+@given(n=stream_columns, row_pad=row_pads, **stream_cases)
 def test_add_rms_stats_kernel_matches_float64_reference(m, n, k, dtype, bias, row_pad, config, seed):
     gen = torch.Generator().manual_seed(seed)
     x, w, b = poisoned_operands(gen, m, n, k, dtype, bias, row_pad, TRITON_DEVICE)
@@ -75,9 +74,7 @@ def stats_operands(gen, m, k, dtype, device):
     return poisoned(gen, (m, k), dtype, device), sumsq.to(device)[:m]
 
 
-@given(m=st.integers(1, MAX_STREAM_ROWS), n=st.one_of(st.integers(1, 150), st.sampled_from([16, 64, 96])),
-       k=st.one_of(st.integers(1, 200), st.sampled_from([32, 64, 128])), dtype=st.sampled_from(DTYPES),
-       bias=st.booleans(), gated=st.booleans(), config=configs, seed=st.integers(0, 2**31 - 1))
+@given(n=stream_columns, gated=st.booleans(), **stream_cases)
 def test_rms_stats_linear_kernel_matches_float64_reference(m, n, k, dtype, bias, gated, config, seed):
     gen = torch.Generator().manual_seed(seed)
     n = 2 * n if gated else n
